@@ -1,0 +1,450 @@
+"""The static Wan transformer: one fixed shape, a branch-free forward.
+
+`StaticWanTransformer(config, shape)` computes exactly what diffusers'
+`WanTransformer3DModel` computes (same parameter names, same precision policy), but
+everything that depends on the shape is decided at construction: RoPE tables, the
+patch grid, the timestep layout (one per sample or one per token), and whether image
+tokens exist. `forward` takes only required tensors and has no `if`, no optional
+argument, no data-dependent shape, no in-place slice write and no float64, so
+`torch.export`, ONNX and TensorRT see one plain graph.
+
+Section numbers match between `__init__` and `forward`:
+  1. patch embedding   2. condition embedding   3. blocks   4. head and unpatchify
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TEXT_TOKENS, LatentSize, WanConfig, check_latent_size
+from .errors import GeometryError
+
+
+@dataclass(frozen=True)
+class StaticShape:
+    """Every dimension of one static forward; an engine is built for exactly one of these."""
+
+    batch: int
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+    text_tokens: int = TEXT_TOKENS
+    image_tokens: int = 0
+    per_token_timesteps: bool = False
+
+    @classmethod
+    def for_latent(cls, config: WanConfig, batch: int, latent: LatentSize,
+                   text_tokens: int = TEXT_TOKENS) -> "StaticShape":
+        """The shape a diffusers pipeline of this model calls with, at this latent size."""
+        return cls(batch, latent.frames, latent.height, latent.width, text_tokens,
+                   config.image_tokens, config.per_token_timesteps)
+
+    @property
+    def latent(self) -> LatentSize:
+        return LatentSize(self.latent_frames, self.latent_height, self.latent_width)
+
+    def tokens(self, config: WanConfig) -> int:
+        return self.latent.tokens(config)
+
+    def describe(self) -> str:
+        t = "per-token t" if self.per_token_timesteps else "per-sample t"
+        img = f", {self.image_tokens} image tokens" if self.image_tokens else ""
+        return (f"batch {self.batch}, latent {self.latent_frames}x{self.latent_height}x{self.latent_width}, "
+                f"{self.text_tokens} text tokens{img}, {t}")
+
+
+def check_static_shape(config: WanConfig, shape: StaticShape) -> None:
+    """Raise GeometryError if `config` cannot run at `shape`."""
+    check_latent_size(config, shape.latent)
+    problems = []
+    if shape.batch < 1:
+        problems.append(f"batch {shape.batch} must be >= 1")
+    if shape.text_tokens < 1:
+        problems.append(f"text_tokens {shape.text_tokens} must be >= 1")
+    if config.image_dim is None and shape.image_tokens:
+        problems.append(f"{config.name} takes no image tokens (got {shape.image_tokens})")
+    if config.image_dim is not None:
+        if shape.text_tokens != TEXT_TOKENS:
+            problems.append(f"{config.name} splits image and text at len - {TEXT_TOKENS}, so it needs exactly "
+                            f"{TEXT_TOKENS} text tokens (got {shape.text_tokens}); pad the prompt with zero rows")
+        want = config.image_tokens if config.image_pos_embed else None
+        if shape.image_tokens < 1 or (want is not None and shape.image_tokens != want):
+            problems.append(f"{config.name} needs {want or 'some'} image tokens (got {shape.image_tokens})")
+    if problems:
+        raise GeometryError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+# -- shape-derived tables (construction time only) ------------------------------------------------
+def rope_tables(config: WanConfig, shape: StaticShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every token's RoPE angles, [1, L, 1, head_dim / 2] in float32.
+
+    Each axis (time, height, width) has its own frequencies, normalised by its own width
+    (44/42/42 at head_dim 128); pairs are interleaved (2i, 2i+1). Built in float64 on the
+    CPU, like the reference, then stored as float32.
+    """
+    grid = shape.latent.grid(config)
+    per_axis = []
+    for axis, (width, positions) in enumerate(zip(config.rope_split, grid)):
+        omega = 1.0 / (10000.0 ** (torch.arange(0, width, 2, dtype=torch.float64, device="cpu") / width))
+        angles = torch.outer(torch.arange(positions, dtype=torch.float64, device="cpu"), omega)  # [n_axis, width / 2]
+        view = [1, 1, 1, width // 2]
+        view[axis] = positions
+        per_axis.append(angles.view(view).expand(*grid, width // 2))
+    angles = torch.cat(per_axis, dim=-1).reshape(1, -1, 1, config.head_dim // 2)  # [1, L, 1, hd / 2]
+    return angles.cos().float(), angles.sin().float()
+
+
+def timestep_frequencies(config: WanConfig) -> torch.Tensor:
+    half = config.freq_dim // 2
+    return torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device="cpu") / half)
+
+
+# -- forward-path helpers (no branches) -----------------------------------------------------------
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Interleaved pairs rotated and re-interleaved by stack + flatten: no strided writes, no ScatterND.
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, H, hd / 2] each
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # [B, L, H, hd] in, [B, L, H * hd] out; default scale 1 / sqrt(hd), no mask.
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2).type_as(q)
+
+
+def _fp32_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(),
+                        norm.eps).to(x.dtype)
+
+
+# -- modules --------------------------------------------------------------------------------------
+class _GeluProj(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int, approximate: str):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim_in: int, inner: int, dim_out: int, approximate: str):
+        super().__init__()
+        # Index 1 holds diffusers' dropout, so parameter names match its `ffn.net.2`.
+        self.net = nn.ModuleList([_GeluProj(dim_in, inner, approximate), nn.Identity(), nn.Linear(inner, dim_out)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        d = config.dim
+        self.heads = config.num_heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.to_out = nn.ModuleList([nn.Linear(d, d)])
+        # RMSNorm over the full dim, across heads, before the split into heads.
+        self.norm_q = nn.RMSNorm(d, eps=config.eps)
+        self.norm_k = nn.RMSNorm(d, eps=config.eps)
+
+    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # [B, L, H, hd]
+        k = self.norm_k(self.to_k(x)).unflatten(2, (self.heads, -1))
+        v = self.to_v(x).unflatten(2, (self.heads, -1))
+        return self.to_out[0](_attention(_rope(q, rope_cos, rope_sin), _rope(k, rope_cos, rope_sin), v))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to the text context: no RoPE, no mask, no modulation."""
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        d = config.dim
+        self.heads = config.num_heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.to_out = nn.ModuleList([nn.Linear(d, d)])
+        self.norm_q = nn.RMSNorm(d, eps=config.eps)
+        self.norm_k = nn.RMSNorm(d, eps=config.eps)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
+        k = self.norm_k(self.to_k(text)).unflatten(2, (self.heads, -1))
+        v = self.to_v(text).unflatten(2, (self.heads, -1))
+        return self.to_out[0](_attention(q, k, v))
+
+
+class ImageCrossAttention(CrossAttention):
+    """Wan2.1 I2V/FLF2V: the same query also attends to the image tokens with their own K/V;
+    the two results are summed before the one shared output projection."""
+
+    def __init__(self, config: WanConfig):
+        super().__init__(config)
+        d = config.dim
+        self.add_k_proj, self.add_v_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.norm_added_k = nn.RMSNorm(d, eps=config.eps)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
+        k = self.norm_k(self.to_k(text)).unflatten(2, (self.heads, -1))
+        v = self.to_v(text).unflatten(2, (self.heads, -1))
+        k_img = self.norm_added_k(self.add_k_proj(image)).unflatten(2, (self.heads, -1))
+        v_img = self.add_v_proj(image).unflatten(2, (self.heads, -1))
+        return self.to_out[0](_attention(q, k, v) + _attention(q, k_img, v_img))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        d = config.dim
+        self.eps = config.eps
+        # 1. Self-attention (modulated, gated)
+        self.attn1 = SelfAttention(config)
+        # 2. Cross-attention (affine LayerNorm, no modulation, no gate)
+        self.norm2 = nn.LayerNorm(d, eps=config.eps, elementwise_affine=True)
+        self.attn2 = ImageCrossAttention(config) if config.image_dim is not None else CrossAttention(config)
+        # 3. Feed-forward (modulated, gated)
+        self.ffn = FeedForward(d, config.ffn_dim, d, approximate="tanh")
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x: torch.Tensor, contexts: tuple[torch.Tensor, ...], temb_proj: torch.Tensor,
+                rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+        # temb_proj: [B, T, 6, d] with T = 1 (per-sample t) or L (per-token t); broadcasts over tokens.
+        modulation = self.scale_shift_table.unsqueeze(0) + temb_proj.float()
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = modulation.unbind(2)  # [B, T, d]
+        d = (x.shape[-1],)
+
+        # 1. Self-attention
+        h = (F.layer_norm(x.float(), d, eps=self.eps) * (1 + scale_msa) + shift_msa).type_as(x)
+        x = (x.float() + self.attn1(h, rope_cos, rope_sin) * gate_msa).type_as(x)
+        # 2. Cross-attention
+        x = x + self.attn2(_fp32_layer_norm(x, self.norm2), *contexts)
+        # 3. Feed-forward
+        h = (F.layer_norm(x.float(), d, eps=self.eps) * (1 + scale_ffn) + shift_ffn).type_as(x)
+        return (x.float() + self.ffn(h).float() * gate_ffn).type_as(x)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, freq_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(freq_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TextEmbedding(nn.Module):
+    def __init__(self, text_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(text_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP tokens -> model dim: LayerNorm, MLP (exact GELU), LayerNorm; both norms eps 1e-5."""
+
+    def __init__(self, image_dim: int, dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(image_dim, eps=1e-5)
+        self.ff = FeedForward(image_dim, image_dim, dim, approximate="none")
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return _fp32_layer_norm(self.ff(_fp32_layer_norm(image, self.norm1)), self.norm2)
+
+
+class PositionedImageEmbedding(ImageEmbedding):
+    """FLF2V: a learned position embedding is added to the first- and last-frame tokens first."""
+
+    def __init__(self, image_dim: int, dim: int, tokens: int):
+        super().__init__(image_dim, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, image_dim))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return super().forward(image + self.pos_embed)
+
+
+class ConditionEmbedder(nn.Module):
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        d = config.dim
+        self.time_embedder = TimestepEmbedding(config.freq_dim, d)
+        self.time_proj = nn.Linear(d, 6 * d)
+        self.text_embedder = TextEmbedding(config.text_dim, d)
+        if config.image_pos_embed:
+            self.image_embedder = PositionedImageEmbedding(config.image_dim, d, config.image_tokens)
+        elif config.image_dim is not None:
+            self.image_embedder = ImageEmbedding(config.image_dim, d)
+
+
+def add_parameters(module: nn.Module, config: WanConfig) -> None:
+    """Give `module` every parameter of a Wan DiT, under diffusers' names (shape-independent)."""
+    d = config.dim
+    # 1. Patch embedding (a Conv3d with kernel = stride, applied as a matmul over patches)
+    module.patch_embedding = nn.Conv3d(config.in_channels, d, kernel_size=config.patch_size,
+                                       stride=config.patch_size)
+    # 2. Condition embedding
+    module.condition_embedder = ConditionEmbedder(config)
+    # 3. Blocks
+    module.blocks = nn.ModuleList([TransformerBlock(config) for _ in range(config.num_layers)])
+    # 4. Head: LayerNorm (no affine) modulated by temb, projection to patches
+    module.proj_out = nn.Linear(d, config.out_channels * config.patch_volume)
+    module.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
+
+
+def parameter_shapes(config: WanConfig) -> dict[str, torch.Size]:
+    """Name -> shape of every parameter the model holds (built on the meta device, no memory)."""
+    with torch.device("meta"):
+        skeleton = nn.Module()
+        add_parameters(skeleton, config)
+    return {name: p.shape for name, p in skeleton.named_parameters()}
+
+
+class StaticWanTransformer(nn.Module):
+    """Wan DiT at one fixed shape. `forward(hidden_states, timestep, encoder_hidden_states)`,
+    plus `encoder_hidden_states_image` for Wan2.1 I2V/FLF2V configs (constructing this class
+    with such a config returns a `StaticWanImageTransformer`)."""
+
+    input_names: tuple[str, ...] = ("hidden_states", "timestep", "encoder_hidden_states")
+    output_names: tuple[str, ...] = ("sample",)
+
+    def __new__(cls, config: WanConfig, shape: StaticShape):
+        if cls is StaticWanTransformer and config.image_dim is not None:
+            cls = StaticWanImageTransformer
+        return super().__new__(cls)
+
+    def __init__(self, config: WanConfig, shape: StaticShape):
+        super().__init__()
+        check_static_shape(config, shape)
+        self.config, self.shape = config, shape
+        pt, ph, pw = config.patch_size
+        b, f, h, w = shape.batch, shape.latent_frames, shape.latent_height, shape.latent_width
+        self._patches = (b, config.in_channels, f // pt, pt, h // ph, ph, w // pw, pw)
+        self._tokens = shape.tokens(config)
+        self._timestep_len = self._tokens if shape.per_token_timesteps else 1
+        self._unpatch = (b, f // pt, h // ph, w // pw, pt, ph, pw, config.out_channels)
+        self._out_shape = (b, config.out_channels, f, h, w)
+        # Parameters (sections 1-4), then the shape-derived tables.
+
+        add_parameters(self, config)
+        self.init_tables()
+
+    def init_tables(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the shape-derived float32 tables, on `device` (default: the parameters')."""
+        if device is None:
+            device = self.patch_embedding.weight.device
+        if torch.device(device).type == "meta":
+            device = "cpu"
+        cos, sin = rope_tables(self.config, self.shape)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        self.register_buffer("time_freqs", timestep_frequencies(self.config).to(device), persistent=False)
+
+    @classmethod
+    def from_parameters(cls, config: WanConfig, shape: StaticShape,
+                        parameters: dict[str, torch.Tensor]) -> "StaticWanTransformer":
+        """Build around existing tensors (shared, not copied): several shapes, one set of weights."""
+        with torch.device("meta"):
+            model = cls(config, shape)
+        model.load_state_dict(parameters, strict=True, assign=True)
+        model.init_tables()
+        return model
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` must not round the RoPE and timestep tables: rebuild them in float32.
+        super()._apply(fn, recurse)
+        self.init_tables(self.rope_cos.device)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def input_specs(self, dtype: torch.dtype | None = None) -> list[TensorSpec]:
+        """Names, shapes and dtypes of the inputs, in forward's order (the timestep is float32)."""
+        dtype = dtype or self.dtype
+        c, s = self.config, self.shape
+        b, f, h, w = s.batch, s.latent_frames, s.latent_height, s.latent_width
+        t_shape = (b, self._tokens) if s.per_token_timesteps else (b,)
+        specs = [TensorSpec("hidden_states", (b, c.in_channels, f, h, w), dtype),
+                 TensorSpec("timestep", t_shape, torch.float32),
+                 TensorSpec("encoder_hidden_states", (b, s.text_tokens, c.text_dim), dtype)]
+        if c.image_dim is not None:
+            specs.append(TensorSpec("encoder_hidden_states_image", (b, s.image_tokens, c.image_dim), dtype))
+        return specs
+
+    def output_spec(self, dtype: torch.dtype | None = None) -> TensorSpec:
+        return TensorSpec("sample", self._out_shape, dtype or self.dtype)
+
+    def example_inputs(self, seed: int = 0, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
+        """Fixed-seed random inputs (never zeros); timesteps uniform in [0, 1000)."""
+        gen = torch.Generator().manual_seed(seed)
+        device = device or self.rope_cos.device
+        out = []
+        for spec in self.input_specs(dtype):
+            if spec.name == "timestep":
+                t = torch.rand(spec.shape, generator=gen) * 1000.0
+            else:
+                t = torch.randn(spec.shape, generator=gen)
+            out.append(t.to(device=device, dtype=spec.dtype))
+        return tuple(out)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        text = self.condition_embedder.text_embedder(encoder_hidden_states)
+        return self._run(hidden_states, timestep, (text,), encoder_hidden_states.dtype)
+
+    def _run(self, hidden_states: torch.Tensor, timestep: torch.Tensor, contexts: tuple[torch.Tensor, ...],
+             dtype: torch.dtype) -> torch.Tensor:
+        ce = self.condition_embedder
+        # 1. Patch embedding: [B, C, F, H, W] -> [B, L, C * pt * ph * pw] -> [B, L, d]
+        x = hidden_states.reshape(self._patches).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(
+            self._patches[0], self._tokens, -1)
+        x = F.linear(x, self.patch_embedding.weight.flatten(1), self.patch_embedding.bias)
+
+        # 2. Condition embedding: timestep [B] or [B, L] -> sinusoid [B, T, freq] -> temb [B, T, d]
+        angles = timestep.reshape(self._patches[0], self._timestep_len, 1).float() * self.time_freqs
+        sinusoid = torch.cat((angles.cos(), angles.sin()), dim=-1)
+        temb = ce.time_embedder(sinusoid.to(ce.time_embedder.linear_1.weight.dtype)).to(dtype)
+        temb_proj = ce.time_proj(F.silu(temb)).unflatten(-1, (6, -1))  # [B, T, 6, d]
+
+        # 3. Blocks
+        for block in self.blocks:
+            x = block(x, contexts, temb_proj, self.rope_cos, self.rope_sin)
+
+        # 4. Head: modulated LayerNorm, projection, unpatchify [B, L, pt*ph*pw*C] -> [B, C, F, H, W]
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # [B, T, d]
+        x = (F.layer_norm(x.float(), (x.shape[-1],), eps=self.config.eps) * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x)
+        return x.reshape(self._unpatch).permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(self._out_shape)
+
+
+class StaticWanImageTransformer(StaticWanTransformer):
+    """Wan2.1 I2V/FLF2V: CLIP image tokens [B, N, image_dim] are a fourth required input."""
+
+    input_names = StaticWanTransformer.input_names + ("encoder_hidden_states_image",)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_hidden_states_image: torch.Tensor) -> torch.Tensor:
+        ce = self.condition_embedder
+        text = ce.text_embedder(encoder_hidden_states)
+        image = ce.image_embedder(encoder_hidden_states_image)
+        return self._run(hidden_states, timestep, (text, image), encoder_hidden_states.dtype)

@@ -1,0 +1,237 @@
+"""`WanTransformer`: a drop-in for diffusers' `WanTransformer3DModel`.
+
+It accepts what the diffusers model accepts (timestep as a scalar, `[B]` or `[B, L]`; CLIP image
+tokens for Wan2.1 I2V, `[2B, 257, 1280]` for FLF2V), checks it, and serves the call from a
+static model built for exactly that shape. The weights live once, here; each cached static model
+shares them. `last_route` says which backend served the last call and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .config import LatentSize, WanConfig, check_latent_size, get_preset
+from .errors import GeometryError, InputError
+from .static import StaticShape, StaticWanTransformer, add_parameters, parameter_shapes
+from .weights import check_tensors, load_checkpoint, materialize
+
+log = logging.getLogger("wan_build.runtime")
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one call was served."""
+
+    backend: str  # "eager", or the engine kind that ran it
+    shape: StaticShape
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}: {self.reason}"
+
+
+class WanTransformerOutput:
+    """What diffusers returns: `.sample`, also reachable as `out[0]` and `out["sample"]`."""
+
+    def __init__(self, sample: torch.Tensor):
+        self.sample = sample
+
+    def __getitem__(self, key: int | str) -> torch.Tensor:
+        if key in (0, "sample"):
+            return self.sample
+        raise KeyError(key)
+
+    def to_tuple(self) -> tuple[torch.Tensor]:
+        return (self.sample,)
+
+
+class DiffusersConfig(dict):
+    """The diffusers config dict, with attribute access (`model.config.in_channels`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class WanTransformer(nn.Module):
+    """Wan DiT with a diffusers-compatible `forward`, served by fixed-shape models."""
+
+    def __init__(self, config: WanConfig, tensors: Mapping[str, torch.Tensor] | None = None,
+                 max_cached_shapes: int = 4):
+        super().__init__()
+        self.wan_config = config
+        self.config = DiffusersConfig(config.to_diffusers())
+        self.max_cached_shapes = max(1, int(max_cached_shapes))
+        self.last_route: Route | None = None
+        self._cache_context: str | None = None
+        self._eager: OrderedDict[StaticShape, StaticWanTransformer] = OrderedDict()
+        self._warned_attention_kwargs = False
+        if tensors is None:
+            add_parameters(self, config)
+        else:
+            with torch.device("meta"):
+                add_parameters(self, config)
+            check_tensors(parameter_shapes(config), tensors, config.name)
+            self.load_state_dict(dict(tensors), strict=True, assign=True)
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype | None = None, *,
+                        subfolder: str | None = None, device: torch.device | str = "cpu",
+                        preset: str | WanConfig | None = None, max_cached_shapes: int = 4) -> "WanTransformer":
+        """Load a diffusers or original-layout checkpoint (see `runtime.weights`), memory-mapped.
+
+        `torch_dtype` follows diffusers: the time embedder, modulation tables and affine norms stay
+        float32. `preset` (a name or a WanConfig) checks the checkpoint's structure against it.
+        """
+        if isinstance(preset, str):
+            preset = get_preset(preset)
+        checkpoint = load_checkpoint(path, subfolder=subfolder, preset=preset)
+        shapes = parameter_shapes(checkpoint.config)
+        check_tensors(shapes, checkpoint.tensors, str(path))
+        tensors = materialize(checkpoint.tensors, shapes, torch_dtype, device)
+        model = cls(checkpoint.config, tensors, max_cached_shapes=max_cached_shapes)
+        model.requires_grad_(False)
+        return model.eval()
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting replaces the parameter tensors; static models built on the old ones go.
+        self._eager.clear()
+        return super()._apply(fn, recurse)
+
+    # -- what diffusers pipelines read --------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """diffusers pipelines wrap the cond and uncond calls in this; the name is kept for step caching."""
+        previous, self._cache_context = self._cache_context, name
+        try:
+            yield
+        finally:
+            self._cache_context = previous
+
+    # -- calls --------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
+                encoder_hidden_states_image: torch.Tensor | None = None, return_dict: bool = True,
+                attention_kwargs: dict[str, Any] | None = None) -> WanTransformerOutput | tuple[torch.Tensor]:
+        if attention_kwargs and attention_kwargs.get("scale", 1.0) != 1.0 and not self._warned_attention_kwargs:
+            log.warning("attention_kwargs scale=%s ignored: this model carries no LoRA adapters",
+                        attention_kwargs["scale"])
+            self._warned_attention_kwargs = True
+        shape, inputs = self.prepare_inputs(hidden_states, timestep, encoder_hidden_states,
+                                            encoder_hidden_states_image)
+        model, reason = self._eager_model(shape)
+        sample = model(*inputs)
+        self.last_route = Route("eager", shape, reason)
+        return WanTransformerOutput(sample) if return_dict else (sample,)
+
+    def _eager_model(self, shape: StaticShape) -> tuple[StaticWanTransformer, str]:
+        model = self._eager.get(shape)
+        if model is not None:
+            self._eager.move_to_end(shape)
+            return model, "no engine for this shape; eager static model (cached)"
+        model = StaticWanTransformer.from_parameters(self.wan_config, shape, dict(self.named_parameters()))
+        self._eager[shape] = model
+        if len(self._eager) > self.max_cached_shapes:
+            old, _ = self._eager.popitem(last=False)
+            log.info("evicted the eager model for %s (cache holds %d shapes)", old.describe(), self.max_cached_shapes)
+        return model, "no engine for this shape; eager static model built for it"
+
+    def prepare_inputs(self, hidden_states: torch.Tensor, timestep: torch.Tensor | float,
+                       encoder_hidden_states: torch.Tensor, encoder_hidden_states_image: torch.Tensor | None
+                       ) -> tuple[StaticShape, tuple[torch.Tensor, ...]]:
+        """Check a diffusers-style call and turn it into (static shape, the static model's inputs)."""
+        c = self.wan_config
+        dtype, device = self.dtype, self.device
+        x = _tensor("hidden_states", hidden_states, ndim=5, layout="[batch, channels, frames, height, width]")
+        b, channels, f, h, w = x.shape
+        if channels != c.in_channels:
+            raise InputError(f"hidden_states has {channels} channels; {c.name} takes {c.in_channels}"
+                             f"{_channel_hint(c)}")
+        try:
+            check_latent_size(c, LatentSize(f, h, w))
+        except GeometryError as e:
+            raise InputError(f"hidden_states latent size {f}x{h}x{w}: {e}") from None
+        tokens = LatentSize(f, h, w).tokens(c)
+
+        ctx = _tensor("encoder_hidden_states", encoder_hidden_states, ndim=3, layout="[batch, text_tokens, text_dim]")
+        if ctx.shape[0] != b or ctx.shape[2] != c.text_dim:
+            raise InputError(f"encoder_hidden_states is {list(ctx.shape)}; {c.name} wants [{b}, tokens, {c.text_dim}] "
+                             f"(batch {b} as in hidden_states)")
+        t, per_token = _timestep(timestep, b, tokens)
+        inputs = [x.to(device=device, dtype=dtype), t.to(device=device, dtype=torch.float32),
+                  ctx.to(device=device, dtype=dtype)]
+
+        image_tokens = 0
+        if c.image_dim is None:
+            if encoder_hidden_states_image is not None:
+                raise InputError(f"{c.name} takes no encoder_hidden_states_image (only Wan2.1 I2V/FLF2V models do)")
+        else:
+            if encoder_hidden_states_image is None:
+                raise InputError(f"{c.name} needs encoder_hidden_states_image (CLIP image tokens, "
+                                 f"[batch, 257, {c.image_dim}])")
+            img = _tensor("encoder_hidden_states_image", encoder_hidden_states_image, ndim=3,
+                          layout="[batch, image_tokens, image_dim]")
+            if img.shape[2] != c.image_dim or (img.shape[0] * img.shape[1]) % b:
+                raise InputError(f"encoder_hidden_states_image is {list(img.shape)}; {c.name} wants "
+                                 f"[{b}, tokens, {c.image_dim}]")
+            # FLF2V pipelines pass first- and last-frame tokens as [2B, 257, d]; the model sees [B, 514, d].
+            img = img.reshape(b, -1, c.image_dim)
+            image_tokens = img.shape[1]
+            if c.image_pos_embed and image_tokens != c.image_tokens:
+                raise InputError(f"{c.name} needs {c.image_tokens} image tokens per sample (first and last "
+                                 f"frame), got {image_tokens}")
+            if ctx.shape[1] != 512:
+                raise InputError(f"{c.name} needs exactly 512 text tokens (image/text split at len - 512); "
+                                 f"got {ctx.shape[1]}: pad the prompt embedding with zero rows")
+            inputs.append(img.to(device=device, dtype=dtype))
+        shape = StaticShape(b, f, h, w, ctx.shape[1], image_tokens, per_token)
+        return shape, tuple(inputs)
+
+
+def _tensor(name: str, value: Any, ndim: int, layout: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor {layout}, got {type(value).__name__}")
+    if value.ndim != ndim:
+        raise InputError(f"{name} must be {ndim}-D {layout}, got shape {list(value.shape)}")
+    if not value.is_floating_point():
+        raise InputError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    return value
+
+
+def _timestep(timestep: Any, batch: int, tokens: int) -> tuple[torch.Tensor, bool]:
+    """Scalar, [1], [B], [B, L] or [1, L] -> [B] or [B, L] (and whether it is per token)."""
+    t = torch.as_tensor(timestep)
+    if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
+        return t.reshape(1).expand(batch), False
+    if t.ndim == 1 and t.shape[0] == batch:
+        return t, False
+    if t.ndim == 2 and t.shape[0] in (1, batch) and t.shape[1] == tokens:
+        return t.expand(batch, tokens), True
+    raise InputError(f"timestep has shape {list(t.shape)}; expected a scalar, [{batch}] or [{batch}, {tokens}] "
+                     f"(one value per sample, or per token: {tokens} tokens at this latent size)")
+
+
+def _channel_hint(config: WanConfig) -> str:
+    if config.in_channels == 36:
+        return " (16 noise + 4 mask + 16 image-latent channels, concatenated by the I2V pipeline)"
+    if config.in_channels == 48:
+        return " (Wan2.2 VAE latents)"
+    return ""

@@ -1,0 +1,104 @@
+"""What a model costs at a shape: parameters, weight memory, FLOPs (wan-architecture sections 8-9).
+
+FLOPs count a multiply-add as 2 and ignore norms, softmax, RoPE and other elementwise work (under
+about 1%), exactly as the model card does, so the figures can be checked against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.config import WanConfig, latent_size
+from runtime.static import StaticShape, parameter_shapes
+
+# Nominal bytes per weight of the block linear layers; everything else stays at 16 bits.
+# fp8: one byte plus a per-tensor scale. nvfp4: half a byte plus one fp8 scale per 16 weights.
+_LINEAR_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1 / 16}
+PRECISIONS = tuple(_LINEAR_BYTES)
+
+
+def parameter_count(config: WanConfig) -> int:
+    return sum(s.numel() for s in parameter_shapes(config).values())
+
+
+def weight_bytes(config: WanConfig, precision: str) -> float:
+    """Weights of one expert at `precision`. Quantized precisions apply to the blocks' linear
+    weights only (embeddings, head and norms stay 16-bit, as Model Optimizer's Wan recipe keeps them)."""
+    total = 0.0
+    for name, shape in parameter_shapes(config).items():
+        quantizable = name.startswith("blocks.") and name.endswith(".weight") and len(shape) == 2
+        per = _LINEAR_BYTES[precision] if quantizable or precision == "fp32" else 2.0
+        total += shape.numel() * per
+    return total
+
+
+@dataclass(frozen=True)
+class Flops:
+    linear: float
+    self_attention: float
+    cross_attention: float  # core plus the context K/V projections
+    embed_head: float
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.self_attention + self.cross_attention + self.embed_head
+
+
+def forward_flops(config: WanConfig, shape: StaticShape) -> Flops:
+    """FLOPs of one forward at `shape` (all `shape.batch` samples)."""
+    d, f, n = config.dim, config.ffn_dim, config.num_layers
+    L, lt, li = shape.tokens(config), shape.text_tokens, shape.image_tokens
+    b = shape.batch
+    linear = n * L * (12 * d * d + 4 * d * f)
+    self_attn = n * 4 * L * L * d
+    cross = n * (4 * lt * d * d + 4 * li * d * d + 4 * L * (lt + li) * d)
+    t = L if shape.per_token_timesteps else 1
+    embed = (2 * L * config.in_channels * config.patch_volume * d
+             + 2 * L * d * config.out_channels * config.patch_volume
+             + 2 * lt * (config.text_dim * d + d * d)
+             + 2 * t * (config.freq_dim * d + 7 * d * d))
+    if config.image_dim is not None:
+        embed += 2 * li * (config.image_dim ** 2 + config.image_dim * d)
+    return Flops(b * linear, b * self_attn, b * cross, b * embed)
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: WanConfig
+    video: tuple[int, int, int]
+    shape: StaticShape
+    parameters: int
+    weights: dict[str, float]
+    flops: Flops
+
+    def lines(self) -> list[str]:
+        c, s = self.config, self.shape
+        frames, height, width = self.video
+        grid = s.latent.grid(c)
+        experts = f" ({c.experts} experts, high noise for t >= {c.boundary:g} x 1000)" if c.experts > 1 else ""
+        per = "per expert " if c.experts > 1 else ""
+        out = [
+            f"model          {c.name}{experts}",
+            f"video          {frames} frames x {height} x {width} (height x width), batch {s.batch}",
+            f"latent         in [{s.batch}, {c.in_channels}, {s.latent_frames}, {s.latent_height}, {s.latent_width}]"
+            f" -> out [{s.batch}, {c.out_channels}, {s.latent_frames}, {s.latent_height}, {s.latent_width}]",
+            f"tokens         {s.tokens(c):,} video ({grid[0]} x {grid[1]} x {grid[2]} patches) + "
+            f"{s.text_tokens} text" + (f" + {s.image_tokens} image" if s.image_tokens else ""),
+            f"parameters     {self.parameters:,} {per}".rstrip()
+            + (f" ({self.parameters * c.experts:,} in all)" if c.experts > 1 else ""),
+            "weights        " + " | ".join(f"{p} {b / 1e9:.1f} GB" for p, b in self.weights.items())
+            + (f" {per}".rstrip()),
+        ]
+        fl = self.flops
+        share = lambda x: f"{100 * x / fl.total:.1f}%"  # noqa: E731
+        out.append(f"FLOPs/forward  {fl.total:.4g} (linear {fl.linear:.4g} {share(fl.linear)}, self-attention "
+                   f"{fl.self_attention:.4g} {share(fl.self_attention)}, cross-attention {fl.cross_attention:.3g}, "
+                   f"embed/head {fl.embed_head:.2g})")
+        return out
+
+
+def plan(config: WanConfig, frames: int, height: int, width: int, batch: int = 1, text_tokens: int = 512) -> Plan:
+    latent = latent_size(config, frames, height, width)
+    shape = StaticShape.for_latent(config, batch, latent, text_tokens)
+    return Plan(config, (frames, height, width), shape, parameter_count(config),
+                {p: weight_bytes(config, p) for p in PRECISIONS}, forward_flops(config, shape))

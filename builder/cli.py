@@ -103,17 +103,72 @@ def init_weights(
 
 
 @app.command()
-def demo(
-    work: Annotated[Path, typer.Option(help="Scratch folder for the demo's weights and engines.")] = Path(
-        "engines/demo"),
+def build(
+    profile: Annotated[Path, typer.Argument(help="Profile YAML, e.g. profiles/tiny.yaml.")],
+    out: Annotated[Path | None, typer.Option(help="Engine folder (default: engines/<profile name>).")] = None,
+    allow_mismatch: Annotated[bool, typer.Option(
+        help="Keep engines that fail their parity check (marked in the manifest).")] = False,
 ) -> None:
-    """The main job on a tiny built-in model, on the CPU.
+    """Build every (expert x shape x precision x backend) engine of a profile.
+
+    Entries already built and still valid are kept. Exit 1 if any entry failed.
+    Example: wan-build build profiles/tiny.yaml --out engines/tiny
+    """
+    from .build import build as run_build
+    from .profiles import load_profile
+
+    report = _run(lambda: run_build(load_profile(profile), out, allow_mismatch=allow_mismatch, echo=typer.echo))
+    typer.echo("")
+    typer.echo("\n".join(report.table()))
+    counts: dict[str, int] = {}
+    for r in report.results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    typer.echo(f"{report.folder}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_(
+    folder: Annotated[Path, typer.Argument(help="Engine folder, e.g. engines/tiny.")],
+) -> None:
+    """List the engines of a folder: expert, shape, backend, precision, size, parity.
+
+    Example: wan-build list engines/tiny
+    """
+    from .catalog import list_entries, require_folder
+
+    typer.echo("\n".join(_run(lambda: list_entries(require_folder(folder)))))
+
+
+@app.command()
+def verify(
+    folder: Annotated[Path, typer.Argument(help="Engine folder, e.g. engines/tiny.")],
+) -> None:
+    """Re-check every engine file's sha256 and re-run its parity check against eager.
+
+    Exit 1 if any engine fails.
+    Example: wan-build verify engines/tiny
+    """
+    from .catalog import require_folder, verify as run_verify, verify_table
+
+    results = _run(lambda: run_verify(require_folder(folder), echo=lambda s: None))
+    typer.echo("\n".join(verify_table(results)))
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    profile: Annotated[Path, typer.Option(help="The tiny profile to build.")] = Path("profiles/tiny.yaml"),
+) -> None:
+    """The main job on a tiny built-in model, on the CPU: weights, engines, routed calls.
 
     Example: wan-build demo
     """
     from .demo import run_demo
 
-    _run(lambda: run_demo(work, echo=typer.echo))
+    _run(lambda: run_demo(profile, echo=typer.echo))
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -19,7 +19,10 @@ import torch
 from torch import nn
 
 from .config import LatentSize, WanConfig, check_latent_size, get_preset
+from .engines import EngineSet
 from .errors import GeometryError, InputError
+from .manifest import weights_fingerprint
+from .precision import Precision
 from .static import StaticShape, StaticWanTransformer, add_parameters, parameter_shapes
 from .weights import check_tensors, load_checkpoint, materialize
 
@@ -76,6 +79,7 @@ class WanTransformer(nn.Module):
         self._cache_context: str | None = None
         self._eager: OrderedDict[StaticShape, StaticWanTransformer] = OrderedDict()
         self._warned_attention_kwargs = False
+        self.engines: EngineSet | None = None
         if tensors is None:
             add_parameters(self, config)
         else:
@@ -88,11 +92,19 @@ class WanTransformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype | None = None, *,
                         subfolder: str | None = None, device: torch.device | str = "cpu",
-                        preset: str | WanConfig | None = None, max_cached_shapes: int = 4) -> "WanTransformer":
+                        preset: str | WanConfig | None = None, engines: str | Path | None = None,
+                        strict: bool = False, backends: list[str] | None = None, full_check: bool = False,
+                        max_cached_shapes: int = 4) -> "WanTransformer":
         """Load a diffusers or original-layout checkpoint (see `runtime.weights`), memory-mapped.
 
         `torch_dtype` follows diffusers: the time embedder, modulation tables and affine norms stay
         float32. `preset` (a name or a WanConfig) checks the checkpoint's structure against it.
+
+        `engines`: an engine folder built by `wan-build build`. Its entries for these weights (by
+        fingerprint), this precision and this machine serve the calls of their shapes; every other
+        call falls back to eager. Entries that cannot be used are refused with a logged reason;
+        `strict=True` raises instead. `backends` limits and orders the backends tried;
+        `full_check` re-hashes engine files instead of trusting the size/mtime-keyed hash cache.
         """
         if isinstance(preset, str):
             preset = get_preset(preset)
@@ -102,11 +114,19 @@ class WanTransformer(nn.Module):
         tensors = materialize(checkpoint.tensors, shapes, torch_dtype, device)
         model = cls(checkpoint.config, tensors, max_cached_shapes=max_cached_shapes)
         model.requires_grad_(False)
+        if engines is not None:
+            fingerprint = weights_fingerprint(checkpoint.tensors, checkpoint.files)
+            model.engines = EngineSet.open(engines, fingerprint=fingerprint,
+                                           precision=Precision.of_dtype(model.dtype).value,
+                                           device=model.device, strict=strict, backends=backends,
+                                           full_check=full_check)
         return model.eval()
 
     def _apply(self, fn, recurse=True):
         # Moving or casting replaces the parameter tensors; static models built on the old ones go.
         self._eager.clear()
+        if self.engines is not None:
+            self.engines.release()
         return super()._apply(fn, recurse)
 
     # -- what diffusers pipelines read --------------------------------------------------------------
@@ -137,22 +157,38 @@ class WanTransformer(nn.Module):
             self._warned_attention_kwargs = True
         shape, inputs = self.prepare_inputs(hidden_states, timestep, encoder_hidden_states,
                                             encoder_hidden_states_image)
-        model, reason = self._eager_model(shape)
-        sample = model(*inputs)
-        self.last_route = Route("eager", shape, reason)
+        sample = self.run(shape, inputs)
         return WanTransformerOutput(sample) if return_dict else (sample,)
+
+    def run(self, shape: StaticShape, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Serve prepared inputs: the engine built for `shape`, else the eager static model."""
+        if self.engines is not None:
+            engine, entry, reason = self.engines.route(shape, self.device, lambda: self._constants(shape))
+            if engine is not None:
+                self.last_route = Route(entry.backend, shape, reason)
+                return engine(*inputs)
+        else:
+            reason = "no engine folder given"
+        model, how = self._eager_model(shape)
+        self.last_route = Route("eager", shape, f"{reason}; {how}")
+        return model(*inputs)
+
+    def _constants(self, shape: StaticShape) -> dict[str, torch.Tensor]:
+        """Parameters plus the shape's tables, for engines that keep weights outside the artifact."""
+        model, _ = self._eager_model(shape)
+        return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
     def _eager_model(self, shape: StaticShape) -> tuple[StaticWanTransformer, str]:
         model = self._eager.get(shape)
         if model is not None:
             self._eager.move_to_end(shape)
-            return model, "no engine for this shape; eager static model (cached)"
+            return model, "eager static model (cached)"
         model = StaticWanTransformer.from_parameters(self.wan_config, shape, dict(self.named_parameters()))
         self._eager[shape] = model
         if len(self._eager) > self.max_cached_shapes:
             old, _ = self._eager.popitem(last=False)
             log.info("evicted the eager model for %s (cache holds %d shapes)", old.describe(), self.max_cached_shapes)
-        return model, "no engine for this shape; eager static model built for it"
+        return model, "eager static model built for this shape"
 
     def prepare_inputs(self, hidden_states: torch.Tensor, timestep: torch.Tensor | float,
                        encoder_hidden_states: torch.Tensor, encoder_hidden_states_image: torch.Tensor | None

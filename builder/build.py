@@ -1,0 +1,315 @@
+"""`build(profile) -> manifest`: every (expert x shape x precision x backend) entry of a profile.
+
+- An entry already in the manifest whose files still pass their checks is kept, not rebuilt.
+- Each entry is built in `.partial-<id>-<pid>/` and renamed into place only after it passed its
+  parity gate; the manifest is rewritten (temp file + rename) after every entry. An interrupted
+  build leaves no half entry and a manifest that lists only finished ones; the next build resumes.
+- A lock file serialises builds of one folder: a second build waits, then skips what the first built.
+- An entry this machine cannot build (a library or a GPU missing) is skipped with the reason; an
+  entry that fails (export error, parity) fails the build, unless `allow_mismatch` lets a parity
+  failure through, recorded as such in the manifest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from runtime.backends import missing_library
+from runtime.manifest import (FORMAT, MANIFEST, Entry, EngineError, check_files, device_info, entry_id,
+                              sha256_file, shape_json, tool_versions, weights_fingerprint)
+from runtime.precision import Precision
+from runtime.static import StaticShape, StaticWanTransformer, parameter_shapes
+from runtime.weights import Checkpoint, load_checkpoint, materialize
+
+from .aoti import compile_aoti
+from .export import PARITY_SEED, PARITY_TOLERANCE, Parity, compare, export_onnx
+from .profiles import Expert, Profile, ShapeSpec
+
+Echo = Callable[[str], None]
+
+
+class BuildFailed(EngineError):
+    """One entry could not be built; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class PlannedEntry:
+    expert: Expert
+    spec: ShapeSpec
+    shape: StaticShape
+    precision: str
+    backend: str
+    id: str
+    identity: dict[str, Any]
+
+    def label(self) -> str:
+        return f"{self.expert.name} {self.spec.label()} {self.precision} {self.backend}"
+
+
+@dataclass
+class EntryResult:
+    entry: PlannedEntry
+    status: str  # built, rebuilt, kept, skipped, failed
+    seconds: float = 0.0
+    relative_error: float | None = None
+    message: str = ""
+
+
+@dataclass
+class BuildReport:
+    folder: Path
+    results: list[EntryResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[EntryResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def table(self) -> list[str]:
+        rows = [("expert", "shape", "precision", "backend", "status", "time", "rel.err", "entry / reason")]
+        for r in self.results:
+            e = r.entry
+            err = "" if r.relative_error is None else f"{r.relative_error:.1e}"
+            rows.append((e.expert.name, e.spec.label(), e.precision, e.backend, r.status, f"{r.seconds:.1f}s", err,
+                         r.message or e.id))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        return ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+
+
+# -- folder plumbing ------------------------------------------------------------------------------
+@contextmanager
+def folder_lock(folder: Path, echo: Echo) -> Iterator[None]:
+    """Exclusive lock on `folder/.lock`; a second build waits for the first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            echo(f"waiting for the build that holds {folder / '.lock'} ({holder})")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_or_new_manifest(folder: Path, profile: Profile) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") == FORMAT:
+                return data
+        except ValueError:
+            pass
+    return {"format": FORMAT, "name": profile.name, "experts": {}, "entries": {}}
+
+
+def _resolve_device(profile: Profile) -> torch.device:
+    if profile.device == "cuda" and not torch.cuda.is_available():
+        raise BuildFailed(f"{profile.source}: device: cuda, but torch sees no CUDA GPU here "
+                          f"(torch {torch.__version__}); use device: cpu or auto")
+    if profile.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(profile.device)
+
+
+# -- planning -------------------------------------------------------------------------------------
+def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.device) -> list[PlannedEntry]:
+    versions = tool_versions()
+    dev = device_info(device)
+    config = {k: v for k, v in profile.config.to_diffusers().items() if not k.startswith("_")}
+    out = []
+    for expert in profile.experts:
+        for spec in profile.shapes:
+            shape = profile.static_shape(spec)
+            for precision in profile.precisions:
+                for backend in profile.backends:
+                    identity = {"backend": backend, "precision": precision, "config": config,
+                                "weights": fingerprints[expert.name],
+                                "shape": shape_json(shape, profile.config, None), "torch": versions["torch"]}
+                    if backend in ("onnxruntime", "tensorrt"):
+                        identity["onnx_opset"] = profile.onnx_opset
+                    if backend == "aoti":
+                        identity["device"] = dev["type"] if dev["type"] != "cuda" else dev["compute_capability"]
+                    if backend == "tensorrt":
+                        identity.update(tensorrt=versions["tensorrt"], gpu=dev["compute_capability"],
+                                        options={k: str(v) for k, v in vars(profile.tensorrt).items()
+                                                 if k not in ("timing_cache", "cuda_graphs")})
+                    out.append(PlannedEntry(expert, spec, shape, precision, backend, entry_id(identity), identity))
+    return out
+
+
+def unavailable(entry: PlannedEntry, device: torch.device) -> str | None:
+    """Why this machine cannot build `entry` at all (skipped, not failed), or None."""
+    missing = missing_library(entry.backend)
+    if missing:
+        return missing
+    precision = Precision(entry.precision)
+    if entry.backend == "onnxruntime" and device.type == "cpu" and precision != Precision.FP32 \
+            and precision != Precision.FP16:
+        return f"ONNX Runtime's CPU provider has no {entry.precision} kernels; build it on a GPU machine"
+    if entry.backend == "aoti" and precision.quantized:
+        return f"{entry.precision} AOTInductor engines are not supported yet"
+    if entry.backend == "tensorrt":
+        return "the TensorRT builder needs an NVIDIA GPU"
+    return None
+
+
+# -- building -------------------------------------------------------------------------------------
+def build(profile: Profile, out: Path | None = None, *, allow_mismatch: bool = False, echo: Echo = print
+          ) -> BuildReport:
+    out = Path(out) if out is not None else Path("engines") / profile.name
+    device = _resolve_device(profile)
+    report = BuildReport(out)
+    with folder_lock(out, echo):
+        for stale in out.glob(".partial-*"):  # we hold the lock: no one else is writing these
+            shutil.rmtree(stale, ignore_errors=True)
+        manifest = _read_or_new_manifest(out, profile)
+        manifest["profile"] = _profile_json(profile)
+        checkpoints: dict[str, Checkpoint] = {}
+        fingerprints: dict[str, str] = {}
+        for expert in profile.experts:
+            echo(f"reading {expert.name} weights from {expert.weights}")
+            ckpt = load_checkpoint(expert.weights, preset=profile.config)
+            checkpoints[expert.name] = ckpt
+            fingerprints[expert.name] = weights_fingerprint(ckpt.tensors, ckpt.files)
+            manifest["experts"][expert.name] = {
+                "weights": str(Path(expert.weights).resolve()), "fingerprint": fingerprints[expert.name],
+                "layout": ckpt.layout, "config": {**profile.config.to_diffusers(), "name": profile.config.name}}
+        if profile.boundary is not None:
+            manifest["boundary"] = profile.boundary
+        write_json_atomic(out / MANIFEST, manifest)
+
+        planned = plan_entries(profile, fingerprints, device)
+        for i, entry in enumerate(planned, 1):
+            prefix = f"[{i}/{len(planned)}] {entry.label()}"
+            result = _build_one(entry, checkpoints[entry.expert.name], profile, out, manifest, device,
+                                allow_mismatch, echo, prefix)
+            report.results.append(result)
+            err = "" if result.relative_error is None else f", parity rel {result.relative_error:.1e}"
+            echo(f"{prefix}: {result.status} in {result.seconds:.1f}s{err}"
+                 + (f" ({result.message})" if result.message else ""))
+            write_json_atomic(out / MANIFEST, manifest)
+    return report
+
+
+def _build_one(entry: PlannedEntry, ckpt: Checkpoint, profile: Profile, out: Path, manifest: dict[str, Any],
+               device: torch.device, allow_mismatch: bool, echo: Echo, prefix: str) -> EntryResult:
+    start = time.perf_counter()
+    existing = manifest["entries"].get(entry.id)
+    status = "built"
+    if existing is not None:
+        problem = check_files(Entry.from_json(existing), out)
+        if problem is None:
+            return EntryResult(entry, "kept", 0.0, existing["parity"]["relative"])
+        echo(f"{prefix}: rebuilding ({problem})")
+        del manifest["entries"][entry.id]
+        status = "rebuilt"
+    reason = unavailable(entry, device)
+    if reason:
+        return EntryResult(entry, "skipped", 0.0, None, reason)
+    echo(f"{prefix}: building")
+    tmp = out / f".partial-{entry.id}-{os.getpid()}"
+    try:
+        record = _build_files(entry, ckpt, profile, tmp, device, allow_mismatch)
+    except BuildFailed as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return EntryResult(entry, "failed", time.perf_counter() - start, None, str(e))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = out / entry.id
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    seconds = time.perf_counter() - start
+    record["build_seconds"] = round(seconds, 2)
+    manifest["entries"][entry.id] = record
+    return EntryResult(entry, status, seconds, record["parity"]["relative"],
+                       "PARITY FAILED, kept by --allow-mismatch" if record["allow_mismatch"] else "")
+
+
+def _build_files(entry: PlannedEntry, ckpt: Checkpoint, profile: Profile, folder: Path, device: torch.device,
+                 allow_mismatch: bool) -> dict[str, Any]:
+    config, shape = profile.config, entry.shape
+    dtype = Precision(entry.precision).dtype
+    tensors = materialize(ckpt.tensors, parameter_shapes(config), dtype, device)
+    model = StaticWanTransformer.from_parameters(config, shape, tensors).eval()
+    constants = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    inputs = model.example_inputs(seed=PARITY_SEED, dtype=dtype, device=device)
+    with torch.no_grad():
+        reference = model(*inputs)
+    folder.mkdir(parents=True)
+    try:
+        if entry.backend == "onnxruntime":
+            from runtime.backends.onnxruntime import OnnxRuntimeEngine
+
+            path = export_onnx(config, shape, constants, dtype, folder, profile.onnx_opset)
+            ort_device = device if device.type == "cuda" else torch.device("cpu")
+            engine = OnnxRuntimeEngine(path, ort_device)
+            out = engine(*(t.to(ort_device) for t in inputs))
+        elif entry.backend == "aoti":
+            from runtime.backends.aoti import AOTIEngine
+
+            path = compile_aoti(model, inputs, folder)
+            out = AOTIEngine(path, constants)(*inputs)
+        else:
+            raise BuildFailed(f"backend {entry.backend} cannot be built here")
+    except BuildFailed:
+        raise
+    except Exception as e:  # exporter or compiler errors: name the entry and the first line
+        raise BuildFailed(f"{entry.label()}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e
+    parity = compare(out, reference, PARITY_TOLERANCE[entry.precision])
+    if not parity.passed and not allow_mismatch:
+        raise BuildFailed(f"parity failed for {entry.label()}: {parity.describe()}; "
+                          "the engine was not written (--allow-mismatch keeps it, marked in the manifest)")
+    (folder / "parity.json").write_text(json.dumps({"seed": PARITY_SEED, "reference": f"eager {entry.precision}",
+                                                    "sample": parity.to_json()}, indent=2) + "\n")
+    model_spec = lambda s: {"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")}  # noqa
+    files = {p.name: {"sha256": sha256_file(p, use_cache=False), "bytes": p.stat().st_size}
+             for p in sorted(folder.iterdir()) if p.is_file()}
+    video = (entry.spec.frames, entry.spec.height, entry.spec.width)
+    return {
+        "id": entry.id, "backend": entry.backend, "precision": entry.precision, "expert": entry.expert.name,
+        "shape": shape_json(shape, config, video),
+        "inputs": [model_spec(s) for s in model.input_specs(dtype)], "outputs": [model_spec(model.output_spec())],
+        "versions": tool_versions(), "device": device_info(device), "onnx_opset": entry.identity.get("onnx_opset"),
+        "files": files, "weights_fingerprint": entry.identity["weights"],
+        "parity": parity.to_json(), "allow_mismatch": not parity.passed,
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _profile_json(profile: Profile) -> dict[str, Any]:
+    return {"name": profile.name, "source": str(profile.source), "preset": profile.preset,
+            "precisions": list(profile.precisions), "backends": list(profile.backends),
+            "shapes": [vars(s) for s in profile.shapes], "text_tokens": profile.text_tokens,
+            "device": profile.device, "onnx_opset": profile.onnx_opset,
+            "experts": {e.name: str(e.weights) for e in profile.experts}, "boundary": profile.boundary}

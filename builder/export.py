@@ -1,0 +1,119 @@
+"""Static model -> ONNX, and the parity gate every engine passes before it is written.
+
+Opset: 23 by default. There `scaled_dot_product_attention` exports as the ONNX `Attention` op and
+RMSNorm as `RMSNormalization`: 25% fewer nodes, the form NVIDIA's own Wan export uses, parsed by
+TensorRT >= 10.15 and run by ONNX Runtime >= 1.22. Opset 20 (a profile's `onnx_opset: 20`)
+decomposes both into MatMul/Softmax and Pow/ReduceMean, for older TensorRT; TensorRT still fuses
+that attention pattern because the exporter scales Q and K before the first MatMul.
+
+Host memory: the graph is traced on the meta device and the real tensors (memory-mapped
+checkpoint views, or one cast copy) are attached afterwards, so exporting a 14B model holds one
+copy of its weights, not two. Weights always go to `model.onnx.data` (external data), so files
+over 2 GB work.
+
+Parity: per output, max abs error, relative error ||out - ref|| / ||ref|| and cosine similarity,
+against the eager static model at the same precision on the same fixed-seed inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from runtime.config import WanConfig
+from runtime.static import StaticShape, StaticWanTransformer
+
+PARITY_SEED = 1234
+# Relative error allowed against the eager static model at the same precision. Measured on the
+# CPU for the tiny presets: fp32 ONNX Runtime 2.8e-7, fp32 AOTInductor 2e-7 (bit-level
+# reassociation only); fp16 ONNX Runtime vs eager fp16 ~1e-3; bf16 AOTInductor vs eager bf16
+# ~3e-3 (fusions round intermediate results at different points).
+PARITY_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 2e-2, "fp8": 5e-2, "nvfp4": 1e-1}
+ONNX_FILE, ONNX_DATA = "model.onnx", "model.onnx.data"
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs: float
+    relative: float
+    cosine: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return math.isfinite(self.relative) and self.relative <= self.tolerance
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+    def describe(self) -> str:
+        return f"rel {self.relative:.2e} (max abs {self.max_abs:.2e}, cos {self.cosine:.6f}, tol {self.tolerance:g})"
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor, tolerance: float) -> Parity:
+    if tuple(out.shape) != tuple(ref.shape):
+        return Parity(math.inf, math.inf, 0.0, tolerance)
+    a, b = out.detach().double().cpu().flatten(), ref.detach().double().cpu().flatten()
+    rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    return Parity((a - b).abs().max().item(), rel if math.isfinite(rel) else math.inf, cos, tolerance)
+
+
+def export_onnx(config: WanConfig, shape: StaticShape, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                folder: Path, opset: int = 23) -> Path:
+    """Write `folder/model.onnx` (+ `model.onnx.data`) for `config` at `shape`.
+
+    `tensors` are the model's parameters and shape tables (name -> tensor) in their final dtypes.
+    """
+    with torch.device("meta"):
+        meta = StaticWanTransformer(config, shape).eval()
+    for name in ("rope_cos", "rope_sin", "time_freqs"):  # tables to meta too, attached below
+        meta.register_buffer(name, torch.empty_like(tensors[name], device="meta"), persistent=False)
+    inputs = tuple(torch.empty(s.shape, dtype=s.dtype, device="meta") for s in meta.input_specs(dtype))
+    _match_dtypes(meta, tensors)
+    with quiet_torch():
+        program = torch.onnx.export(meta, inputs, dynamo=True, opset_version=opset, optimize=False,
+                                    input_names=list(meta.input_names), output_names=list(meta.output_names))
+        program.apply_weights(dict(tensors))
+        program.optimize()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ONNX_FILE
+    program.save(str(path), external_data=True)
+    return path
+
+
+@contextlib.contextmanager
+def quiet_torch():
+    """Keep torch's exporter and compiler chatter (step narration on stdout, notes about optional
+    packages, deprecations inside torch) out of the build log; real errors still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _match_dtypes(meta: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Give the meta model each real tensor's dtype (float32-kept modules, float32 tables)."""
+    for name, value in list(meta.named_parameters()) + list(meta.named_buffers()):
+        module_name, _, leaf = name.rpartition(".")
+        module = meta.get_submodule(module_name) if module_name else meta
+        want = tensors[name].dtype
+        if value.dtype != want:
+            if isinstance(value, torch.nn.Parameter):
+                setattr(module, leaf, torch.nn.Parameter(value.to(want), requires_grad=False))
+            else:
+                module.register_buffer(leaf, value.to(want), persistent=False)

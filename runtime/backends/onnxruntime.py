@@ -1,0 +1,51 @@
+"""ONNX Runtime sessions over `model.onnx` (+ `model.onnx.data`).
+
+On the CPU, tensors cross as numpy views (no copy for contiguous fp32/fp16). On a CUDA device
+with onnxruntime-gpu, inputs and the output are bound in place with IOBinding, so nothing moves
+through the host. (The CUDA path is written from ONNX Runtime's documented API and has not been
+run here: the test machines have the CPU package only.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}  # TensorProto element types
+
+
+class OnnxRuntimeEngine:
+    def __init__(self, path: Path, device: torch.device):
+        import onnxruntime as ort
+
+        self.device = torch.device(device)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self._session = ort.InferenceSession(str(path), options, providers=providers)
+        self._inputs = [i.name for i in self._session.get_inputs()]
+        self._output = self._session.get_outputs()[0]
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            feeds = {name: t.detach().contiguous().numpy() for name, t in zip(self._inputs, inputs)}
+            return torch.from_numpy(self._session.run([self._output.name], feeds)[0])
+        binding = self._session.io_binding()
+        for name, t in zip(self._inputs, inputs):
+            t = t.contiguous()
+            binding.bind_input(name, "cuda", self.device.index or 0, _ONNX_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
+        out = torch.empty(self._output_shape(inputs), dtype=inputs[0].dtype, device=self.device)
+        binding.bind_output(self._output.name, "cuda", self.device.index or 0, _ONNX_TYPES[out.dtype],
+                            tuple(out.shape), out.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()
+        self._session.run_with_iobinding(binding)
+        return out
+
+    def _output_shape(self, inputs: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._output.shape)

@@ -1,0 +1,65 @@
+"""Two-expert models (Wan2.2 A14B) outside diffusers.
+
+diffusers' Wan2.2 pipelines hold the experts as `transformer` (high noise) and `transformer_2`
+(low noise) and switch at `t >= boundary_ratio * 1000`; give each a `WanTransformer`. For other
+callers, `WanExpertRouter` makes the same choice per call, and `load_engines` opens an engine
+folder with the weights its manifest names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .dynamic import Route, WanTransformer
+from .errors import InputError
+from .manifest import EngineError, read_manifest
+
+
+class WanExpertRouter(nn.Module):
+    """Calls the high-noise expert for t >= boundary * 1000, the low-noise expert otherwise."""
+
+    def __init__(self, high_noise: WanTransformer, low_noise: WanTransformer, boundary: float):
+        super().__init__()
+        self.high_noise, self.low_noise, self.boundary = high_noise, low_noise, float(boundary)
+        self.last_expert: str | None = None
+
+    @property
+    def last_route(self) -> Route | None:
+        return None if self.last_expert is None else getattr(self, self.last_expert).last_route
+
+    def expert_for(self, timestep: Any) -> str:
+        high = torch.as_tensor(timestep) >= self.boundary * 1000
+        if bool(high.all()):
+            return "high_noise"
+        if not bool(high.any()):
+            return "low_noise"
+        raise InputError(f"timestep values lie on both sides of the expert boundary ({self.boundary * 1000:g}); "
+                         "samples at different noise levels need different experts: call them separately")
+
+    def forward(self, hidden_states: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
+                encoder_hidden_states_image: torch.Tensor | None = None, return_dict: bool = True,
+                attention_kwargs: dict[str, Any] | None = None):
+        self.last_expert = self.expert_for(timestep)
+        return getattr(self, self.last_expert)(hidden_states, timestep, encoder_hidden_states,
+                                               encoder_hidden_states_image, return_dict, attention_kwargs)
+
+
+def load_engines(folder: str | Path, torch_dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                 **kwargs: Any) -> WanTransformer | WanExpertRouter:
+    """Open an engine folder with the weights its manifest names: one front, or a router over two."""
+    manifest = read_manifest(Path(folder))
+    experts = manifest.get("experts", {})
+
+    def front(name: str) -> WanTransformer:
+        if name not in experts:
+            raise EngineError(f"{folder}: the manifest has no {name} expert (it has {', '.join(experts) or 'none'})")
+        return WanTransformer.from_pretrained(experts[name]["weights"], torch_dtype, device=device, engines=folder,
+                                              **kwargs)
+
+    if "high_noise" in experts or "low_noise" in experts:
+        return WanExpertRouter(front("high_noise"), front("low_noise"), manifest["boundary"])
+    return front("main")

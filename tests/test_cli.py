@@ -51,7 +51,34 @@ def test_init_weights_writes_diffusers_layout(tmp_path):
     assert r.returncode == 1 and "--dtype 'int4'" in r.stderr
 
 
-@pytest.mark.parametrize("command", ["plan", "presets", "init-weights", "demo"])
+@pytest.mark.parametrize("command", ["plan", "presets", "init-weights", "demo", "build", "list", "verify"])
 def test_every_command_has_help_with_an_example(command):
     r = wan_build(command, "--help")
     assert r.returncode == 0 and "Example: wan-build" in r.stdout.replace("\n", " ")
+
+
+def test_build_list_verify_through_the_cli(tmp_path):
+    from builder.init_weights import init_weights
+    from runtime.config import get_preset
+
+    init_weights(get_preset("tiny-t2v"), tmp_path / "w", seed=1)
+    (tmp_path / "p.yaml").write_text("name: cli\nmodel: {weights: w}\nprecision: fp32\nbackends: [onnxruntime]\n"
+                                     "shapes:\n  - {frames: 5, height: 32, width: 48}\n")
+    out = str(tmp_path / "out")
+    r = wan_build("build", str(tmp_path / "p.yaml"), "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "[1/1] main 5x32x48 b1 fp32 onnxruntime: built" in r.stdout and r.stdout.strip().endswith("1 built")
+    r = wan_build("list", out)
+    assert r.returncode == 0 and "onnxruntime" in r.stdout and "5x32x48 b1" in r.stdout
+    r = wan_build("verify", out)
+    assert r.returncode == 0 and " ok " in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (("build", "nope.yaml"), "cannot read the profile"),
+    (("list", "/no/such/folder"), "no such engine folder"),
+    (("verify", "/no/such/folder"), "no such engine folder"),
+])
+def test_engine_commands_user_errors(args, message):
+    r = wan_build(*args)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr

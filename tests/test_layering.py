@@ -9,7 +9,7 @@ BLOCKER = """
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"onnx", "onnxscript", "builder", "modelopt", "tensorrt", "yaml", "typer",
+        if name.split(".")[0] in {"onnx", "onnxscript", "onnxruntime", "builder", "modelopt", "tensorrt", "yaml", "typer",
                                   "diffusers", "transformers"}:
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
@@ -17,7 +17,8 @@ sys.meta_path.insert(0, Block())
 
 
 def test_runtime_imports_without_build_only_packages():
-    code = BLOCKER + "import runtime, runtime.static, runtime.dynamic, runtime.weights\nprint('ok')"
+    code = BLOCKER + ("import runtime, runtime.static, runtime.dynamic, runtime.weights, runtime.engines, "
+                      "runtime.manifest, runtime.experts, runtime.backends, runtime.backends.aoti\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from runtime.backends import missing_library
+from runtime.fp8 import Fp8Unsupported, check_fp8_device, quantize_fp8
 from runtime.manifest import (FORMAT, MANIFEST, Entry, EngineError, check_files, device_info, entry_id,
                               sha256_file, shape_json, tool_versions, weights_fingerprint)
 from runtime.precision import Precision
@@ -175,8 +176,13 @@ def unavailable(entry: PlannedEntry, device: torch.device) -> str | None:
     if entry.backend == "onnxruntime" and device.type == "cpu" and precision != Precision.FP32 \
             and precision != Precision.FP16:
         return f"ONNX Runtime's CPU provider has no {entry.precision} kernels; build it on a GPU machine"
-    if entry.backend == "aoti" and precision.quantized:
-        return f"{entry.precision} AOTInductor engines are not supported yet"
+    if entry.backend == "aoti" and precision == Precision.NVFP4:
+        return "NVFP4 engines are built by the tensorrt backend only"
+    if entry.backend == "aoti" and precision == Precision.FP8:
+        try:
+            check_fp8_device(device)
+        except Fp8Unsupported as e:
+            return str(e)
     if entry.backend == "tensorrt":
         return "the TensorRT builder needs an NVIDIA GPU"
     return None
@@ -262,10 +268,16 @@ def _build_files(entry: PlannedEntry, ckpt: Checkpoint, profile: Profile, folder
     dtype = Precision(entry.precision).dtype
     tensors = materialize(ckpt.tensors, parameter_shapes(config), dtype, device)
     model = StaticWanTransformer.from_parameters(config, shape, tensors).eval()
-    constants = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     inputs = model.example_inputs(seed=PARITY_SEED, dtype=dtype, device=device)
     with torch.no_grad():
         reference = model(*inputs)
+    quantization_error = None
+    if entry.precision == Precision.FP8.value:
+        quantize_fp8(model, config.num_layers)
+        with torch.no_grad():
+            unquantized, reference = reference, model(*inputs)
+        quantization_error = compare(reference, unquantized, 1.0).to_json()
+    constants = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     folder.mkdir(parents=True)
     try:
         if entry.backend == "onnxruntime":
@@ -291,7 +303,8 @@ def _build_files(entry: PlannedEntry, ckpt: Checkpoint, profile: Profile, folder
         raise BuildFailed(f"parity failed for {entry.label()}: {parity.describe()}; "
                           "the engine was not written (--allow-mismatch keeps it, marked in the manifest)")
     (folder / "parity.json").write_text(json.dumps({"seed": PARITY_SEED, "reference": f"eager {entry.precision}",
-                                                    "sample": parity.to_json()}, indent=2) + "\n")
+                                                    "sample": parity.to_json(),
+                                                    "quantization_vs_bf16": quantization_error}, indent=2) + "\n")
     model_spec = lambda s: {"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")}  # noqa
     files = {p.name: {"sha256": sha256_file(p, use_cache=False), "bytes": p.stat().st_size}
              for p in sorted(folder.iterdir()) if p.is_file()}
@@ -303,6 +316,7 @@ def _build_files(entry: PlannedEntry, ckpt: Checkpoint, profile: Profile, folder
         "versions": tool_versions(), "device": device_info(device), "onnx_opset": entry.identity.get("onnx_opset"),
         "files": files, "weights_fingerprint": entry.identity["weights"],
         "parity": parity.to_json(), "allow_mismatch": not parity.passed,
+        "quantization_error": quantization_error,
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -21,6 +21,7 @@ from torch import nn
 from .config import LatentSize, WanConfig, check_latent_size, get_preset
 from .engines import EngineSet
 from .errors import GeometryError, InputError
+from .fp8 import quantize_fp8
 from .manifest import weights_fingerprint
 from .precision import Precision
 from .static import StaticShape, StaticWanTransformer, add_parameters, parameter_shapes
@@ -92,13 +93,16 @@ class WanTransformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype | None = None, *,
                         subfolder: str | None = None, device: torch.device | str = "cpu",
-                        preset: str | WanConfig | None = None, engines: str | Path | None = None,
+                        preset: str | WanConfig | None = None, quantize: str | None = None,
+                        fp8_scaling: str = "rowwise", engines: str | Path | None = None,
                         strict: bool = False, backends: list[str] | None = None, full_check: bool = False,
                         max_cached_shapes: int = 4) -> "WanTransformer":
         """Load a diffusers or original-layout checkpoint (see `runtime.weights`), memory-mapped.
 
         `torch_dtype` follows diffusers: the time embedder, modulation tables and affine norms stay
         float32. `preset` (a name or a WanConfig) checks the checkpoint's structure against it.
+        `quantize="fp8"` makes the linear layers of the middle blocks FP8 (see `runtime.fp8`; bf16
+        elsewhere; needs an Ada, Hopper or Blackwell GPU).
 
         `engines`: an engine folder built by `wan-build build`. Its entries for these weights (by
         fingerprint), this precision and this machine serve the calls of their shapes; every other
@@ -114,13 +118,28 @@ class WanTransformer(nn.Module):
         tensors = materialize(checkpoint.tensors, shapes, torch_dtype, device)
         model = cls(checkpoint.config, tensors, max_cached_shapes=max_cached_shapes)
         model.requires_grad_(False)
+        precision = Precision.of_dtype(model.dtype).value
+        if quantize is not None:
+            if quantize != "fp8" or model.dtype != torch.bfloat16:
+                raise InputError(f"quantize={quantize!r} with torch_dtype={model.dtype} is not supported; "
+                                 "use quantize='fp8' with torch_dtype=torch.bfloat16")
+            model.quantize_fp8(fp8_scaling)
+            precision = Precision.FP8.value
         if engines is not None:
             fingerprint = weights_fingerprint(checkpoint.tensors, checkpoint.files)
             model.engines = EngineSet.open(engines, fingerprint=fingerprint,
-                                           precision=Precision.of_dtype(model.dtype).value,
+                                           precision=precision,
                                            device=model.device, strict=strict, backends=backends,
                                            full_check=full_check)
         return model.eval()
+
+    def quantize_fp8(self, scaling: str = "rowwise", check_device: bool = True) -> list[str]:
+        """Make the middle blocks' linear layers FP8 in place (see `runtime.fp8`); returns their names."""
+        names = quantize_fp8(self, self.wan_config.num_layers, scaling, check_device=check_device)
+        self._eager.clear()  # static models built on the bf16 layers are stale now
+        if self.engines is not None:
+            self.engines.release()
+        return names
 
     def _apply(self, fn, recurse=True):
         # Moving or casting replaces the parameter tensors; static models built on the old ones go.

@@ -309,6 +309,20 @@ def add_parameters(module: nn.Module, config: WanConfig) -> None:
     module.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
 
 
+def swap_fp8_layers(module: nn.Module, parameters: dict[str, torch.Tensor]) -> None:
+    """Where `parameters` hold an FP8 weight, give `module` an Fp8Linear of the same scaling."""
+    from .fp8 import Fp8Linear
+
+    for name, value in parameters.items():
+        if name.endswith(".weight") and value.dtype == torch.float8_e4m3fn:
+            parent_name, _, leaf = name[: -len(".weight")].rpartition(".")
+            parent = module.get_submodule(parent_name)
+            linear = getattr(parent, leaf)
+            scaling = "tensor" if parameters[name[: -len("weight")] + "weight_scale"].ndim == 0 else "rowwise"
+            setattr(parent, leaf, Fp8Linear(linear.in_features, linear.out_features, scaling,
+                                            parameters[name[: -len("weight")] + "bias"].dtype))
+
+
 def parameter_shapes(config: WanConfig) -> dict[str, torch.Size]:
     """Name -> shape of every parameter the model holds (built on the meta device, no memory)."""
     with torch.device("meta"):
@@ -363,6 +377,7 @@ class StaticWanTransformer(nn.Module):
         """Build around existing tensors (shared, not copied): several shapes, one set of weights."""
         with torch.device("meta"):
             model = cls(config, shape)
+            swap_fp8_layers(model, parameters)
         model.load_state_dict(parameters, strict=True, assign=True)
         model.init_tables()
         return model

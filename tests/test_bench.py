@@ -1,0 +1,32 @@
+"""The benchmark harnesses run end to end at toy sizes on the CPU, before any GPU time is spent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_harness_runs_tiny_on_cpu(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--device", "cpu", "--repeats", "2",
+                        "--skip", "compile,aoti", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["cases"]) == {"block480", "full480", "block720", "block5b"}
+    for name, case in results["cases"].items():
+        assert "error" not in case, case.get("error")
+        variants = case["variants"]
+        assert variants["ours eager"]["median_ms"] > 0
+        assert "diffusers block" in variants or "diffusers" in variants
+    block = results["cases"]["block480"]["variants"]
+    assert 1e-3 < block["ours FP8 linear (rowwise)"]["rel_error_vs_eager"] < 0.1
+    assert block["diffusers block"]["rel_error_vs_eager"] < 1e-2
+    assert "linear part" in " ".join(results["micro"])
+    assert "ratio_to_floor" in block["ours eager"] and results["matmul_tflops"] > 0
+    assert r.stdout.splitlines()[-1].startswith("full results:")

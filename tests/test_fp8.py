@@ -1,0 +1,63 @@
+"""FP8 linear layers: the math (torch emulates the FP8 matmul on the CPU), the recipe, the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from builder.init_weights import init_weights
+from runtime import StaticShape, StaticWanTransformer, WanTransformer, get_preset
+from runtime.fp8 import Fp8Linear, Fp8Unsupported, fp8_layer_names, fp8_reference, kept_blocks, quantize_fp8
+
+from .conftest import make_inputs, relative_error
+
+
+@pytest.mark.parametrize("scaling", ["rowwise", "tensor"])
+def test_fp8_linear_matches_its_dequantized_math(scaling):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    layer = Fp8Linear.from_linear(linear, scaling)
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert layer.weight_scale.shape == ((1, 48) if scaling == "rowwise" else ())
+    x = torch.randn(2, 7, 64).to(torch.bfloat16)
+    out = layer(x)
+    assert out.shape == (2, 7, 48) and out.dtype == torch.bfloat16
+    assert relative_error(out, fp8_reference(layer, x)) < 1e-2  # bf16 output rounding only
+    error = relative_error(out, linear(x))
+    assert 1e-3 < error < 0.08  # E4M3 keeps 3 mantissa bits: a few percent per layer
+
+
+def test_recipe_keeps_first_and_last_blocks():
+    assert kept_blocks(40) == 3 and kept_blocks(30) == 3 and kept_blocks(4) == 1 and kept_blocks(2) == 0
+    config = get_preset("tiny-t2v").replace(num_layers=8)
+    with torch.device("meta"):
+        model = StaticWanTransformer(config, StaticShape(1, 1, 2, 2, 8))
+    names = fp8_layer_names(model, 8)
+    assert {n.split(".")[1] for n in names} == {"3", "4"}
+    assert len(names) == 20 and all("condition_embedder" not in n and "proj_out" not in n for n in names)
+    assert "blocks.3.ffn.net.0.proj" in names and "blocks.4.attn2.to_k" in names
+
+
+def test_fp8_is_refused_on_the_cpu(tmp_path):
+    init_weights(get_preset("tiny-t2v"), tmp_path, seed=1)
+    with pytest.raises(Fp8Unsupported, match="need an NVIDIA GPU with FP8 tensor cores.*this model is on cpu"):
+        WanTransformer.from_pretrained(tmp_path, torch.bfloat16, quantize="fp8")
+    with pytest.raises(Exception, match="use quantize='fp8' with torch_dtype=torch.bfloat16"):
+        WanTransformer.from_pretrained(tmp_path, quantize="fp8")
+
+
+def test_fp8_front_and_static_models_share_quantized_weights(tmp_path):
+    config = get_preset("tiny-t2v").replace(num_layers=8)
+    init_weights(config, tmp_path, seed=2)
+    model = WanTransformer.from_pretrained(tmp_path, torch.bfloat16)
+    x, t, ctx, _ = make_inputs(config, 1, (2, 4, 6), text_tokens=16)
+    with torch.no_grad():
+        bf16 = model(x.bfloat16(), t, ctx.bfloat16()).sample
+        names = model.quantize_fp8(check_device=False)  # emulated on the CPU
+        fp8 = model(x.bfloat16(), t, ctx.bfloat16()).sample
+    assert len(names) == 20
+    static = model._eager[model.last_route.shape]
+    assert static.blocks[3].attn1.to_q.weight.data_ptr() == model.blocks[3].attn1.to_q.weight.data_ptr()
+    assert isinstance(static.blocks[0].attn1.to_q, torch.nn.Linear)  # first blocks stay bf16
+    error = relative_error(fp8, bf16)
+    assert 1e-3 < error < 0.1

@@ -1,15 +1,19 @@
 """Which AOTInductor package form loads on this machine's torch/CUDA? Each form runs in its own
-process, so a crash in one does not hide the others.   python bench/aoti_probe.py"""
+process, so a crash in one does not hide the others.
 
+    python bench/aoti_probe.py [--forms embedded,user-managed,copied,on-disk] [--device cuda|cpu]
+"""
+
+import argparse
 import subprocess
 import sys
 import textwrap
 
 CODE = textwrap.dedent("""
     import sys, tempfile, torch
-    form = sys.argv[1]
-    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).cuda().eval()
-    x = torch.randn(8, 64, device="cuda")
+    form, device = sys.argv[1], sys.argv[2]
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).to(device).eval()
+    x = torch.randn(8, 64, device=device)
     cfg = {} if form == "embedded" else {"aot_inductor.package_constants_in_so": False}
     if form == "on-disk":
         cfg["aot_inductor.package_constants_on_disk_format"] = "binary_blob"
@@ -29,7 +33,11 @@ CODE = textwrap.dedent("""
     print("ok", ((out - m(x)).norm() / m(x).norm()).item(), flush=True)
 """)
 
-for form in ("embedded", "user-managed", "copied", "on-disk"):
-    r = subprocess.run([sys.executable, "-c", CODE, form], capture_output=True, text=True, timeout=300)
+parser = argparse.ArgumentParser()
+parser.add_argument("--forms", default="embedded,user-managed,copied,on-disk")
+parser.add_argument("--device", default="cuda")
+args = parser.parse_args()
+for form in args.forms.split(","):
+    r = subprocess.run([sys.executable, "-c", CODE, form, args.device], capture_output=True, text=True, timeout=300)
     last = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
     print(f"aoti probe {form:13s}: exit {r.returncode}, last line: {last}", flush=True)

@@ -262,7 +262,7 @@ def block_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, i
             compiled(x, contexts, temb, cos, sin)
             record("ours torch.compile", lambda: compiled(x, contexts, temb, cos, sin),
                    f"(compile {time.perf_counter() - t0:.0f} s)")
-        if "aoti" not in skip and b.left() > 150:
+        if "aoti" not in skip and b.left() > 150 and aoti_loads(b):
             t0 = time.perf_counter()
             try:
                 runner = aoti_block(block, (x, contexts, temb, cos, sin), Path(tempfile.mkdtemp()) / f"{name}.pt2")
@@ -327,6 +327,21 @@ def no_host_sync(fn: Callable[[], torch.Tensor]) -> bool:
         return False
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def aoti_loads(b: Bench) -> bool:
+    """Whether AOTInductor packages load here: a crash at load (seen with torch 2.11+cu130) would end
+    the whole run, so a tiny package is tried first in a separate process."""
+    if "aoti_loads" not in b.results:
+        import subprocess
+
+        probe = Path(__file__).with_name("aoti_probe.py")
+        r = subprocess.run([sys.executable, str(probe), "--forms", "user-managed", "--device", b.device.type],
+                           capture_output=True, text=True, timeout=600)
+        b.results["aoti_loads"] = " ok " in r.stdout
+        print(f"  AOTInductor load probe: {'ok' if b.results['aoti_loads'] else 'FAILED, skipping AOTInductor'}"
+              f" ({r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-200:]})")
+    return b.results["aoti_loads"]
 
 
 def aoti_block(block: torch.nn.Module, args: tuple, path: Path):

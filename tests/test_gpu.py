@@ -50,7 +50,23 @@ def test_static_forward_has_no_host_sync(tmp_path):
             torch.cuda.set_sync_debug_mode("default")
 
 
+def aoti_loads_here() -> str | None:
+    """None if an AOTInductor package loads on this machine, else why not (probed in a subprocess:
+    torch 2.11+cu130 was seen to crash at load)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = Path(__file__).resolve().parents[1] / "bench" / "aoti_probe.py"
+    r = subprocess.run([sys.executable, str(probe), "--forms", "user-managed"], capture_output=True, text=True,
+                       timeout=600)
+    return None if " ok " in r.stdout else f"AOTInductor packages do not load here: {r.stdout.strip()[-200:]}"
+
+
 def test_aoti_engines_on_cuda(tmp_path):
+    reason = aoti_loads_here()
+    if reason:
+        pytest.skip(reason)
     config = get_preset("tiny-t2v").replace(num_layers=8)
     init_weights(config, tmp_path / "w", seed=3)
     precisions = "[bf16, fp8]" if fp8_capable() else "[bf16]"

@@ -39,21 +39,92 @@ def _run(fn: Callable[[], T]) -> T:
 @app.command()
 def plan(
     preset: Annotated[str, typer.Option(help="Model preset, e.g. wan2.2-i2v-a14b (see `wan-build presets`).")],
-    frames: Annotated[int, typer.Option(help="Video frames (4k+1, e.g. 81).")] = 81,
-    height: Annotated[int, typer.Option(help="Video height in pixels.")] = 480,
-    width: Annotated[int, typer.Option(help="Video width in pixels.")] = 832,
+    frames: Annotated[int | None, typer.Option(help="Video frames (4k+1); default: the model's standard.")] = None,
+    height: Annotated[int | None, typer.Option(help="Video height in pixels; default: the model's standard.")] = None,
+    width: Annotated[int | None, typer.Option(help="Video width in pixels; default: the model's standard.")] = None,
     batch: Annotated[int, typer.Option(help="Samples per forward (1 per CFG branch in diffusers).")] = 1,
+    precision: Annotated[str, typer.Option(help="bf16, fp16, fp32, fp8 or nvfp4, for the memory breakdown.")] = "bf16",
+    gpu: Annotated[str | None, typer.Option(help="GPU to check, e.g. h100, rtx4090 (see `wan-build gpus`).")] = None,
+    gpu_memory: Annotated[float | None, typer.Option(help="Or just its memory in GB, e.g. 24.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps per video; default: the model's.")] = None,
 ) -> None:
-    """Latent shape, tokens, parameters, weight memory and FLOPs of one forward.
+    """Latent shape, tokens, parameters, memory term by term and FLOPs; with --gpu, what fits on it.
 
-    Example: wan-build plan --preset wan2.2-i2v-a14b --frames 81 --height 480 --width 832
+    Example: wan-build plan --preset wan2.2-i2v-a14b --frames 81 --height 480 --width 832 --gpu h100
     """
     from runtime.config import get_preset
 
+    from .costs import (PRECISIONS_ALL, best_fit, costs, custom_gpu, find_gpu, gpu_report, serving_memory,
+                        standard_sizes)
     from .plan import plan as make_plan
 
-    result = _run(lambda: make_plan(get_preset(preset), frames, height, width, batch))
-    typer.echo("\n".join(result.lines()))
+    def go() -> list[str]:
+        config = get_preset(preset)
+        if precision not in PRECISIONS_ALL:
+            raise WanBuildError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS_ALL)}")
+        f, h, w = standard_sizes(config)[0]
+        p = make_plan(config, frames or f, height or h, width or w, batch)
+        c = costs(config, p.shape, steps)
+        lines = p.lines()
+        lines.append(f"per video      {c.per_video:.3g} FLOPs ({c.steps} steps x 2 forwards for CFG)")
+        lines.append(f"GPU memory to serve this size in {precision}"
+                     + (" (both experts resident)" if config.experts > 1 else "") + ":")
+        lines += serving_memory(config, p.shape, precision).lines()
+        if gpu is None and gpu_memory is None:
+            return lines
+        if gpu is not None and gpu_memory is not None:
+            raise WanBuildError("give --gpu or --gpu-memory, not both")
+        card = find_gpu(gpu) if gpu is not None else custom_gpu(gpu_memory)
+        lines.append("")
+        sizes = standard_sizes(config)
+        if (p.video not in sizes):
+            sizes = [p.video] + sizes
+        lines += gpu_report(config, card, sizes)
+        fit = best_fit(config, p.shape, card)
+        lines.append(f"verdict: {p.video[0]}x{p.video[1]}x{p.video[2]} batch {batch} on {card.name}: {fit.describe()}")
+        if fit.mode == "no":
+            smaller = [s for s in sizes if best_fit(config, make_plan(config, *s, batch).shape, card).mode != "no"]
+            lines.append("  would fit: " + (", ".join(f"{s[0]}x{s[1]}x{s[2]}" for s in smaller) if smaller else
+                                            "no standard size of this model; a GPU with more memory"))
+        elif fit.precision != precision and card.supports(precision):
+            lines.append(f"  {precision} itself needs more memory than this GPU has in every mode")
+        return lines
+
+    typer.echo("\n".join(_run(go)))
+
+
+@app.command()
+def gpus() -> None:
+    """List the GPUs the planner knows: memory, compute capability, FP8/NVFP4, bf16 rate.
+
+    Example: wan-build gpus
+    """
+    from .costs import gpus as table
+
+    for g in table():
+        support = [p for p in ("fp8", "nvfp4") if g.supports(p)]
+        rate = f"{g.bf16_tflops:g} TFLOP/s bf16 (datasheet)" + (
+            f", {g.measured_bf16_tflops:g} measured" if g.measured_bf16_tflops else "")
+        typer.echo(f"{g.name:14s} {g.memory_gb:5g} GB  cc {g.compute_capability:4s}  {rate:42s} "
+                   f"{', '.join(support) or '-'}")
+
+
+@app.command()
+def matrix(
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    markdown: Annotated[bool, typer.Option(help="A markdown table (as in the README).")] = False,
+) -> None:
+    """Which Wan use cases fit which GPUs, and in what precision.
+
+    Example: wan-build matrix --markdown
+    """
+    from . import matrix as m
+
+    table = m.compute()
+    if json_out:
+        typer.echo(m.render_json(table))
+    else:
+        typer.echo("\n".join(m.render_markdown(table) if markdown else m.render_text(table)))
 
 
 @app.command()
@@ -156,6 +227,33 @@ def verify(
     typer.echo("\n".join(verify_table(results)))
     if any(r.status == "failed" for r in results):
         raise typer.Exit(1)
+
+
+@app.command()
+def wizard(
+    use_case: Annotated[str | None, typer.Option(help="Use case name or number (see `wan-build matrix`).")] = None,
+    gpu: Annotated[str | None, typer.Option(help="GPU name (e.g. h100) or memory in GB (e.g. 24).")] = None,
+    resolutions: Annotated[str | None, typer.Option(help="Comma-separated: 480p, 720p (704p for TI2V-5B).")] = None,
+    orientations: Annotated[str | None, typer.Option(help="landscape, portrait or both.")] = None,
+    batch: Annotated[int | None, typer.Option(help="1 for diffusers pipelines, 2 if you batch the CFG pair.")] = None,
+    precision: Annotated[str | None, typer.Option(help="bf16, fp8 or nvfp4 (default: the best that fits).")] = None,
+    backends: Annotated[str | None, typer.Option(help="Comma-separated: tensorrt, aoti, onnxruntime.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Checkpoint folder (relative to the profile).")] = None,
+    name: Annotated[str | None, typer.Option(help="Profile name (names the engine folder).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write the profile YAML.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Take the default for every question not given.")] = False,
+) -> None:
+    """Answer a few questions (or pass flags), see the plan, get a valid profile YAML.
+
+    Example: wan-build wizard --use-case "Wan2.2 I2V 480p" --gpu h100 --yes
+    """
+    from .wizard import Answers, run_wizard
+
+    def ask(question: str, default: str) -> str:
+        return default if yes else typer.prompt(question, default=default)
+
+    answers = Answers(use_case, gpu, resolutions, orientations, batch, precision, backends, weights, name, out)
+    _run(lambda: run_wizard(answers, ask, typer.echo))
 
 
 @app.command()

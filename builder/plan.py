@@ -6,9 +6,11 @@ about 1%), exactly as the model card does, so the figures can be checked against
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from runtime.config import WanConfig, latent_size
+from runtime.fp8 import kept_blocks
 from runtime.static import StaticShape, parameter_shapes
 
 # Nominal bytes per weight of the block linear layers; everything else stays at 16 bits.
@@ -21,12 +23,17 @@ def parameter_count(config: WanConfig) -> int:
     return sum(s.numel() for s in parameter_shapes(config).values())
 
 
+@functools.lru_cache(maxsize=256)
 def weight_bytes(config: WanConfig, precision: str) -> float:
-    """Weights of one expert at `precision`. Quantized precisions apply to the blocks' linear
-    weights only (embeddings, head and norms stay 16-bit, as Model Optimizer's Wan recipe keeps them)."""
+    """Weights of one expert at `precision`. Quantized precisions apply to the linear weights of the
+    middle blocks only: embeddings, head, norms and the first and last blocks stay 16-bit, as in
+    Model Optimizer's Wan recipe (`runtime.fp8.kept_blocks`)."""
+    keep = kept_blocks(config.num_layers)
     total = 0.0
     for name, shape in parameter_shapes(config).items():
-        quantizable = name.startswith("blocks.") and name.endswith(".weight") and len(shape) == 2
+        parts = name.split(".")
+        quantizable = (parts[0] == "blocks" and keep <= int(parts[1]) < config.num_layers - keep
+                       and name.endswith(".weight") and len(shape) == 2)
         per = _LINEAR_BYTES[precision] if quantizable or precision == "fp32" else 2.0
         total += shape.numel() * per
     return total

@@ -14,6 +14,7 @@ Section numbers match between `__init__` and `forward`:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -323,8 +324,10 @@ def swap_fp8_layers(module: nn.Module, parameters: dict[str, torch.Tensor]) -> N
                                             parameters[name[: -len("weight")] + "bias"].dtype))
 
 
+@functools.lru_cache(maxsize=32)
 def parameter_shapes(config: WanConfig) -> dict[str, torch.Size]:
-    """Name -> shape of every parameter the model holds (built on the meta device, no memory)."""
+    """Name -> shape of every parameter the model holds (built on the meta device, no memory).
+    Cached per config: treat the result as read-only."""
     with torch.device("meta"):
         skeleton = nn.Module()
         add_parameters(skeleton, config)

@@ -27,17 +27,23 @@ import torch
 
 from runtime.backends import missing_library
 from runtime.fp8 import Fp8Unsupported, check_fp8_device, quantize_fp8
+from runtime.errors import WanBuildError
 from runtime.manifest import (FORMAT, MANIFEST, Entry, EngineError, check_files, device_info, entry_id,
-                              sha256_file, shape_json, tool_versions, weights_fingerprint)
+                              sha256_cache_dir, sha256_file, shape_json, tool_versions, weights_fingerprint)
 from runtime.precision import Precision
 from runtime.static import StaticShape, StaticWanTransformer, parameter_shapes
 from runtime.weights import Checkpoint, load_checkpoint, materialize
 
 from .aoti import compile_aoti
-from .export import PARITY_SEED, PARITY_TOLERANCE, Parity, compare, export_onnx
+from .export import PARITY_SEED, PARITY_TOLERANCE, Parity, compare, export_onnx, share_weights
+from .onnx_check import check_for_tensorrt
+from .quantize import calibrate_fp8, insert_fp8_qdq, require_cuda_for_nvfp4
+from .tensorrt import PLAN_FILE, build_plan
 from .profiles import Expert, Profile, ShapeSpec
 
 Echo = Callable[[str], None]
+WEIGHTS_STORE = ".weights"  # one copy of each ONNX weights file, hard-linked into the entries
+FP8_CALIBRATION_BATCHES = 4  # fixed-seed calibration inputs at the entry's shape
 
 
 class BuildFailed(EngineError):
@@ -184,7 +190,14 @@ def unavailable(entry: PlannedEntry, device: torch.device) -> str | None:
         except Fp8Unsupported as e:
             return str(e)
     if entry.backend == "tensorrt":
-        return "the TensorRT builder needs an NVIDIA GPU"
+        if device.type != "cuda":
+            return "TensorRT builds need an NVIDIA GPU (torch sees none here)"
+        cc = tuple(int(x) for x in device_info(device)["compute_capability"].split("."))
+        if precision == Precision.FP8 and cc < (8, 9):
+            return f"FP8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); this GPU is {cc[0]}.{cc[1]}"
+        if precision == Precision.NVFP4:
+            return ("NVFP4 needs a Blackwell GPU (compute capability 10.0+)" if cc < (10, 0) else
+                    "NVFP4 ONNX export (block-scaled FP4 Q/DQ) is not implemented in this version")
     return None
 
 
@@ -213,6 +226,9 @@ def build(profile: Profile, out: Path | None = None, *, allow_mismatch: bool = F
             manifest["boundary"] = profile.boundary
         write_json_atomic(out / MANIFEST, manifest)
 
+        if "fp16" in profile.precisions:
+            echo("note: fp16 chosen; Wan's activations are known to overflow in FP16 (bf16 is the default and "
+                 "keeps fp32's range)")
         planned = plan_entries(profile, fingerprints, device)
         for i, entry in enumerate(planned, 1):
             prefix = f"[{i}/{len(planned)}] {entry.label()}"
@@ -269,56 +285,112 @@ def _build_files(entry: PlannedEntry, ckpt: Checkpoint, profile: Profile, folder
     tensors = materialize(ckpt.tensors, parameter_shapes(config), dtype, device)
     model = StaticWanTransformer.from_parameters(config, shape, tensors).eval()
     inputs = model.example_inputs(seed=PARITY_SEED, dtype=dtype, device=device)
-    with torch.no_grad():
-        reference = model(*inputs)
-    quantization_error = None
-    if entry.precision == Precision.FP8.value:
-        quantize_fp8(model, config.num_layers)
-        with torch.no_grad():
-            unquantized, reference = reference, model(*inputs)
-        quantization_error = compare(reference, unquantized, 1.0).to_json()
-    constants = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    extra: dict[str, Any] = {"quantization_error": None}
     folder.mkdir(parents=True)
     try:
-        if entry.backend == "onnxruntime":
-            from runtime.backends.onnxruntime import OnnxRuntimeEngine
-
-            path = export_onnx(config, shape, constants, dtype, folder, profile.onnx_opset)
-            ort_device = device if device.type == "cuda" else torch.device("cpu")
-            engine = OnnxRuntimeEngine(path, ort_device)
-            out = engine(*(t.to(ort_device) for t in inputs))
-        elif entry.backend == "aoti":
-            from runtime.backends.aoti import AOTIEngine
-
-            path = compile_aoti(model, inputs, folder)
-            out = AOTIEngine(path, constants)(*inputs)
-        else:
-            raise BuildFailed(f"backend {entry.backend} cannot be built here")
-    except BuildFailed:
+        builder = {"onnxruntime": _onnxruntime, "aoti": _aoti, "tensorrt": _tensorrt}[entry.backend]
+        out, reference = builder(entry, model, inputs, profile, folder, device, extra)
+    except (BuildFailed, WanBuildError):
         raise
-    except Exception as e:  # exporter or compiler errors: name the entry and the first line
+    except Exception as e:  # exporter, compiler or library errors: name the entry and the first line
         raise BuildFailed(f"{entry.label()}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e
     parity = compare(out, reference, PARITY_TOLERANCE[entry.precision])
     if not parity.passed and not allow_mismatch:
         raise BuildFailed(f"parity failed for {entry.label()}: {parity.describe()}; "
                           "the engine was not written (--allow-mismatch keeps it, marked in the manifest)")
     (folder / "parity.json").write_text(json.dumps({"seed": PARITY_SEED, "reference": f"eager {entry.precision}",
-                                                    "sample": parity.to_json(),
-                                                    "quantization_vs_bf16": quantization_error}, indent=2) + "\n")
+                                                    "sample": parity.to_json(), **extra}, indent=2) + "\n")
     model_spec = lambda s: {"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")}  # noqa
     files = {p.name: {"sha256": sha256_file(p, use_cache=False), "bytes": p.stat().st_size}
              for p in sorted(folder.iterdir()) if p.is_file()}
     video = (entry.spec.frames, entry.spec.height, entry.spec.width)
+    versions = tool_versions()
+    versions.update(extra.pop("versions", {}))
     return {
         "id": entry.id, "backend": entry.backend, "precision": entry.precision, "expert": entry.expert.name,
         "shape": shape_json(shape, config, video),
         "inputs": [model_spec(s) for s in model.input_specs(dtype)], "outputs": [model_spec(model.output_spec())],
-        "versions": tool_versions(), "device": device_info(device), "onnx_opset": entry.identity.get("onnx_opset"),
+        "versions": versions, "device": device_info(device), "onnx_opset": entry.identity.get("onnx_opset"),
         "files": files, "weights_fingerprint": entry.identity["weights"],
-        "parity": parity.to_json(), "allow_mismatch": not parity.passed,
-        "quantization_error": quantization_error,
+        "parity": parity.to_json(), "allow_mismatch": not parity.passed, **extra,
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _constants(model: StaticWanTransformer) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def _onnxruntime(entry, model, inputs, profile, folder, device, extra):
+    from runtime.backends.onnxruntime import OnnxRuntimeEngine
+
+    with torch.no_grad():
+        reference = model(*inputs)
+    constants = _constants(model)
+    path = export_onnx(profile.config, entry.shape, constants, model.dtype, folder, profile.onnx_opset)
+    share_weights(folder, folder.parent / WEIGHTS_STORE)
+    ort_device = device if device.type == "cuda" else torch.device("cpu")
+    out = OnnxRuntimeEngine(path, ort_device, constants)(*(t.to(ort_device) for t in inputs))
+    return out, reference
+
+
+def _aoti(entry, model, inputs, profile, folder, device, extra):
+    from runtime.backends.aoti import AOTIEngine
+
+    with torch.no_grad():
+        unquantized = model(*inputs)
+    reference = unquantized
+    if entry.precision == Precision.FP8.value:  # FP8 linear layers through torch._scaled_mm
+        quantize_fp8(model, profile.config.num_layers)
+        with torch.no_grad():
+            reference = model(*inputs)
+        extra["quantization_error"] = compare(reference, unquantized, 1.0).to_json()
+    constants = _constants(model)
+    path = compile_aoti(model, inputs, folder)
+    return AOTIEngine(path, constants)(*inputs), reference
+
+
+def prepare_tensorrt_onnx(entry: PlannedEntry, model: StaticWanTransformer, inputs: tuple[torch.Tensor, ...],
+                          profile: Profile, folder: Path, extra: dict[str, Any]) -> tuple[Path, torch.Tensor]:
+    """Everything before TensorRT (runs without it): export in the entry's dtype, FP8 calibration
+    with Model Optimizer and Q/DQ insertion, weights shared, the graph checked. Returns the ONNX and
+    the eager reference of exactly what the engine computes (fake-quantized for FP8)."""
+    config = profile.config
+    constants = {k: v.detach() for k, v in _constants(model).items()}
+    path = export_onnx(config, entry.shape, constants, model.dtype, folder, profile.onnx_opset)
+    if entry.precision == Precision.NVFP4.value:
+        require_cuda_for_nvfp4(model.rope_cos.device)
+    with torch.no_grad():
+        reference = model(*inputs)
+    if entry.precision == Precision.FP8.value:
+        seeds = range(PARITY_SEED + 1, PARITY_SEED + 1 + FP8_CALIBRATION_BATCHES)
+        calibration = calibrate_fp8(model, (model.example_inputs(seed=s, dtype=model.dtype) for s in seeds), inputs)
+        insert_fp8_qdq(path, calibration, model.dtype)
+        with torch.no_grad():
+            reference = model(*inputs)  # Model Optimizer's fake quantization: what the engine computes
+        extra["quantization_error"] = {**calibration.to_json(), "relative": calibration.relative_error}
+    share_weights(folder, folder.parent / WEIGHTS_STORE)
+    extra["onnx_check"] = check_for_tensorrt(path, config)
+    return path, reference
+
+
+def _tensorrt(entry, model, inputs, profile, folder, device, extra):
+    from runtime.backends.tensorrt import TensorRTEngine
+
+    constants = {k: v.detach() for k, v in _constants(model).items()}
+    path, reference = prepare_tensorrt_onnx(entry, model, inputs, profile, folder, extra)
+    gpu = device_info(device)
+    info = build_plan(path, folder / PLAN_FILE, profile.tensorrt, _timing_cache_dir(), gpu["name"],
+                      gpu["compute_capability"])
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(profile.tensorrt).items()}
+    extra.update(tensorrt_options=options, tensorrt_build=vars(info), versions={"tensorrt": info.tensorrt})
+    engine = TensorRTEngine(folder / PLAN_FILE, device, constants, built_with=info.tensorrt,
+                            built_for=gpu["compute_capability"], options=options)
+    return engine(*inputs), reference
+
+
+def _timing_cache_dir() -> Path:
+    return sha256_cache_dir() / "timing"
 
 
 def _profile_json(profile: Profile) -> dict[str, Any]:

@@ -230,6 +230,18 @@ def verify(
 
 
 @app.command()
+def doctor() -> None:
+    """This machine: GPU and compute capability, torch and CUDA, TensorRT, ONNX Runtime providers,
+    Model Optimizer, and which backends and precisions it can build and run.
+
+    Example: wan-build doctor
+    """
+    from .doctor import report
+
+    typer.echo("\n".join(report()))
+
+
+@app.command()
 def wizard(
     use_case: Annotated[str | None, typer.Option(help="Use case name or number (see `wan-build matrix`).")] = None,
     gpu: Annotated[str | None, typer.Option(help="GPU name (e.g. h100) or memory in GB (e.g. 24).")] = None,

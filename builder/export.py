@@ -6,6 +6,11 @@ TensorRT >= 10.15 and run by ONNX Runtime >= 1.22. Opset 20 (a profile's `onnx_o
 decomposes both into MatMul/Softmax and Pow/ReduceMean, for older TensorRT; TensorRT still fuses
 that attention pattern because the exporter scales Q and K before the first MatMul.
 
+Inputs: the static model's tensors, then its shape tables (RoPE cos/sin and the timestep
+frequencies). With the tables outside the graph, the initializers are the weights alone and
+identical for every shape, so `model.onnx.data` is stored once per model and precision and
+hard-linked into each entry (`share_weights`).
+
 Host memory: the graph is traced on the meta device and the real tensors (memory-mapped
 checkpoint views, or one cast copy) are attached afterwards, so exporting a 14B model holds one
 copy of its weights, not two. Weights always go to `model.onnx.data` (external data), so files
@@ -21,6 +26,8 @@ import contextlib
 import io
 import logging
 import math
+import os
+import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +39,7 @@ from runtime.config import WanConfig
 from runtime.static import StaticShape, StaticWanTransformer
 
 PARITY_SEED = 1234
+TABLE_INPUTS = ("rope_cos", "rope_sin", "time_freqs")
 # Relative error allowed against the eager static model at the same precision. Measured on the
 # CPU for the tiny presets: fp32 ONNX Runtime 2.8e-7, fp32 AOTInductor 2e-7 (bit-level
 # reassociation only); fp16 ONNX Runtime vs eager fp16 ~1e-3; bf16 AOTInductor vs eager bf16
@@ -67,27 +75,72 @@ def compare(out: torch.Tensor, ref: torch.Tensor, tolerance: float) -> Parity:
     return Parity((a - b).abs().max().item(), rel if math.isfinite(rel) else math.inf, cos, tolerance)
 
 
+class TablesAsInputs(torch.nn.Module):
+    """The static model with its shape tables (RoPE cos/sin, timestep frequencies) as graph inputs.
+
+    Initializers are then the weights alone, identical for every shape of one model and precision,
+    so their data file is stored once and hard-linked into each shape's folder; the runtime feeds the
+    tables from the static model it builds for the shape anyway."""
+
+    def __init__(self, model: StaticWanTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        n = len(self.model.input_names)
+        tables = dict(zip(TABLE_INPUTS, args[n:]))
+        return torch.func.functional_call(self.model, tables, args[:n], strict=False)
+
+
+def onnx_input_names(model: StaticWanTransformer) -> list[str]:
+    return list(model.input_names) + list(TABLE_INPUTS)
+
+
 def export_onnx(config: WanConfig, shape: StaticShape, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
                 folder: Path, opset: int = 23) -> Path:
-    """Write `folder/model.onnx` (+ `model.onnx.data`) for `config` at `shape`.
+    """Write `folder/model.onnx` (+ `model.onnx.data`, the weights) for `config` at `shape`.
 
     `tensors` are the model's parameters and shape tables (name -> tensor) in their final dtypes.
+    Inputs: the static model's, then the tables (`TABLE_INPUTS`).
     """
     with torch.device("meta"):
         meta = StaticWanTransformer(config, shape).eval()
-    for name in ("rope_cos", "rope_sin", "time_freqs"):  # tables to meta too, attached below
+    for name in TABLE_INPUTS:
         meta.register_buffer(name, torch.empty_like(tensors[name], device="meta"), persistent=False)
-    inputs = tuple(torch.empty(s.shape, dtype=s.dtype, device="meta") for s in meta.input_specs(dtype))
     _match_dtypes(meta, tensors)
+    inputs = tuple(torch.empty(s.shape, dtype=s.dtype, device="meta") for s in meta.input_specs(dtype))
+    inputs += tuple(torch.empty_like(tensors[name], device="meta") for name in TABLE_INPUTS)
+    weights = {f"model.{k}": v for k, v in tensors.items() if k not in TABLE_INPUTS}
     with quiet_torch():
-        program = torch.onnx.export(meta, inputs, dynamo=True, opset_version=opset, optimize=False,
-                                    input_names=list(meta.input_names), output_names=list(meta.output_names))
-        program.apply_weights(dict(tensors))
+        program = torch.onnx.export(TablesAsInputs(meta).eval(), inputs, dynamo=True, opset_version=opset,
+                                    optimize=False, input_names=onnx_input_names(meta),
+                                    output_names=list(meta.output_names))
+        program.apply_weights(weights)
         program.optimize()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ONNX_FILE
     program.save(str(path), external_data=True)
     return path
+
+
+def share_weights(folder: Path, store: Path) -> str:
+    """Keep one copy of `folder/model.onnx.data` per content in `store`, hard-linked into `folder`.
+    Returns the data file's sha256. Falls back to a private copy where hard links are impossible."""
+    from runtime.manifest import sha256_file
+
+    data = folder / ONNX_DATA
+    digest = sha256_file(data, use_cache=False)
+    store.mkdir(parents=True, exist_ok=True)
+    shared = store / f"{digest}.onnx.data"
+    if not shared.exists():
+        os.replace(data, shared)
+    else:
+        data.unlink()
+    try:
+        os.link(shared, data)
+    except OSError:
+        shutil.copyfile(shared, data)
+    return digest
 
 
 @contextlib.contextmanager

@@ -78,8 +78,15 @@ class EngineSet:
             raise EngineError(message)
 
     def release(self) -> None:
-        """Drop loaded engines (after the model's tensors moved); they reload on next use."""
+        """Drop loaded engines (their device memory too); they reload on next use."""
+        for engine in self._loaded.values():
+            if hasattr(engine, "release"):
+                engine.release()
         self._loaded.clear()
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
 
     def route(self, shape: StaticShape, device: torch.device,
               constants: Callable[[], Mapping[str, torch.Tensor]]) -> tuple[Engine | None, Entry | None, str]:

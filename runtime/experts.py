@@ -22,9 +22,13 @@ from .manifest import EngineError, read_manifest
 class WanExpertRouter(nn.Module):
     """Calls the high-noise expert for t >= boundary * 1000, the low-noise expert otherwise."""
 
-    def __init__(self, high_noise: WanTransformer, low_noise: WanTransformer, boundary: float):
+    def __init__(self, high_noise: WanTransformer, low_noise: WanTransformer, boundary: float,
+                 release_idle: bool | None = None):
+        """`release_idle`: drop the idle expert's loaded engines when the other one takes over
+        (True), never (False), or when the GPU has less than a quarter of its memory free (None)."""
         super().__init__()
         self.high_noise, self.low_noise, self.boundary = high_noise, low_noise, float(boundary)
+        self.release_idle = release_idle
         self.last_expert: str | None = None
 
     @property
@@ -40,10 +44,25 @@ class WanExpertRouter(nn.Module):
         raise InputError(f"timestep values lie on both sides of the expert boundary ({self.boundary * 1000:g}); "
                          "samples at different noise levels need different experts: call them separately")
 
+    def _memory_short(self, device: torch.device) -> bool:
+        if self.release_idle is not None:
+            return self.release_idle
+        if device.type != "cuda":
+            return False
+        free, total = torch.cuda.mem_get_info(device)
+        return free < total / 4
+
     def forward(self, hidden_states: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_image: torch.Tensor | None = None, return_dict: bool = True,
                 attention_kwargs: dict[str, Any] | None = None):
-        self.last_expert = self.expert_for(timestep)
+        expert = self.expert_for(timestep)
+        if self.last_expert is not None and expert != self.last_expert:
+            idle = getattr(self, self.last_expert)
+            if idle.engines is not None and self._memory_short(idle.device):
+                idle.engines.release()  # the idle expert's engines reload on its next call
+                if idle.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        self.last_expert = expert
         return getattr(self, self.last_expert)(hidden_states, timestep, encoder_hidden_states,
                                                encoder_hidden_states_image, return_dict, attention_kwargs)
 

@@ -39,15 +39,20 @@ class EngineError(WanBuildError):
 
 
 # -- hashing --------------------------------------------------------------------------------------
+def sha256_cache_dir() -> Path:
+    """wan-build's cache folder: $WAN_BUILD_CACHE_DIR, else $XDG_CACHE_HOME/wan-build or ~/.cache/wan-build."""
+    return Path(os.environ.get("WAN_BUILD_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "wan-build"))
+
+
 def _cache_file() -> Path:
-    root = os.environ.get("WAN_BUILD_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "wan-build")
-    return Path(root) / "sha256-cache.json"
+    return sha256_cache_dir() / "sha256-cache.json"
 
 
 def _stat_key(path: Path) -> str:
+    # Keyed by the file itself (device and inode), not its name: hard links share one entry.
     st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    return f"{st.st_dev}:{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def _load_cache() -> dict[str, str]:
@@ -215,8 +220,11 @@ def check_entry(entry: Entry, folder: Path, *, fingerprint: str, device: torch.d
             return f"built with {tool} {entry.versions.get(tool)}, this machine has {versions.get(tool) or 'none'}"
     if entry.backend == "aoti" and entry.device.get("type") != torch.device(device).type:
         return f"compiled for {entry.device.get('type')}, the model runs on {torch.device(device).type}"
-    if entry.device.get("compute_capability") and torch.device(device).type == "cuda":
+    if entry.backend == "tensorrt":
+        if torch.device(device).type != "cuda":
+            return f"TensorRT plans run on CUDA devices, the model is on {torch.device(device).type}"
         here = device_info(device)["compute_capability"]
-        if entry.backend == "tensorrt" and entry.device["compute_capability"] != here:
-            return f"built for compute capability {entry.device['compute_capability']}, this GPU is {here}"
+        portable = entry.raw.get("tensorrt_options", {}).get("hardware_compatibility", "none") != "none"
+        if entry.device.get("compute_capability") != here and not portable:
+            return f"built for compute capability {entry.device.get('compute_capability')}, this GPU is {here}"
     return check_files(entry, folder, full=full)

@@ -37,7 +37,7 @@ def load_engine(entry: Entry, folder: Path, device: torch.device,
     if entry.backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(path / "model.onnx", device)
+        return OnnxRuntimeEngine(path / "model.onnx", device, constants)
     if entry.backend == "aoti":
         from .aoti import AOTIEngine
 
@@ -45,5 +45,7 @@ def load_engine(entry: Entry, folder: Path, device: torch.device,
     if entry.backend == "tensorrt":
         from .tensorrt import TensorRTEngine
 
-        return TensorRTEngine(path / "engine.plan", entry, device, constants)
+        return TensorRTEngine(path / "engine.plan", device, constants, built_with=entry.versions.get("tensorrt"),
+                              built_for=entry.device.get("compute_capability"),
+                              options=entry.raw.get("tensorrt_options", {}))
     raise ValueError(f"unknown backend {entry.backend!r}")

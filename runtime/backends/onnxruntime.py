@@ -9,6 +9,7 @@ run here: the test machines have the CPU package only.)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -16,7 +17,7 @@ _ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}  # Tenso
 
 
 class OnnxRuntimeEngine:
-    def __init__(self, path: Path, device: torch.device):
+    def __init__(self, path: Path, device: torch.device, constants: Mapping[str, torch.Tensor] | None = None):
         import onnxruntime as ort
 
         self.device = torch.device(device)
@@ -29,23 +30,26 @@ class OnnxRuntimeEngine:
         else:
             providers = ["CPUExecutionProvider"]
         self._session = ort.InferenceSession(str(path), options, providers=providers)
-        self._inputs = [i.name for i in self._session.get_inputs()]
+        names = [i.name for i in self._session.get_inputs()]
+        # Inputs beyond the call's own are the shape tables, fed from the model's tensors.
+        self._tables = [n for n in names if constants is not None and n in constants]
+        self._inputs = [n for n in names if n not in self._tables]
+        self._table_values = [constants[n].to(self.device) for n in self._tables] if constants else []
         self._output = self._session.get_outputs()[0]
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        inputs = tuple(inputs) + tuple(self._table_values)
+        names = self._inputs + self._tables
         if self.device.type != "cuda":
-            feeds = {name: t.detach().contiguous().numpy() for name, t in zip(self._inputs, inputs)}
+            feeds = {name: t.detach().contiguous().numpy() for name, t in zip(names, inputs)}
             return torch.from_numpy(self._session.run([self._output.name], feeds)[0])
         binding = self._session.io_binding()
-        for name, t in zip(self._inputs, inputs):
+        for name, t in zip(names, inputs):
             t = t.contiguous()
             binding.bind_input(name, "cuda", self.device.index or 0, _ONNX_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
-        out = torch.empty(self._output_shape(inputs), dtype=inputs[0].dtype, device=self.device)
+        out = torch.empty(tuple(int(d) for d in self._output.shape), dtype=inputs[0].dtype, device=self.device)
         binding.bind_output(self._output.name, "cuda", self.device.index or 0, _ONNX_TYPES[out.dtype],
                             tuple(out.shape), out.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()
         self._session.run_with_iobinding(binding)
         return out
-
-    def _output_shape(self, inputs: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
-        return tuple(int(d) for d in self._output.shape)

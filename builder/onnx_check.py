@@ -1,0 +1,90 @@
+"""Checks an ONNX graph must pass before TensorRT sees it; each failure names the node.
+
+- no float64 anywhere (initializers, graph inputs/outputs, value infos, Cast targets, Constants);
+- no complex types;
+- no ScatterND (in-place strided writes; they break TensorRT's fusions);
+- attention in a form TensorRT fuses: at opset >= 23 the ONNX `Attention` op and no Softmax; at
+  lower opsets the decomposed MatMul -> Softmax -> MatMul pattern with the scale applied to Q and K
+  before the first MatMul (what torch's exporter writes), which TensorRT's fused-attention pass
+  recognises;
+- as many attention ops as the model has attention calls (self + cross, + image cross for I2V).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.config import WanConfig
+from runtime.errors import WanBuildError
+
+_DOUBLE, _COMPLEX64, _COMPLEX128 = 11, 14, 15
+_BAD_TYPES = {_DOUBLE: "float64", _COMPLEX64: "complex64", _COMPLEX128: "complex128"}
+
+
+class GraphCheckError(WanBuildError):
+    """The ONNX graph has something TensorRT must not get; the message names the node."""
+
+
+def expected_attention_ops(config: WanConfig) -> int:
+    return config.num_layers * (3 if config.image_dim is not None else 2)
+
+
+def check_for_tensorrt(path: Path, config: WanConfig) -> dict[str, int]:
+    """Raise GraphCheckError with the offending node; return a few counts for the build log."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    problems: list[str] = []
+
+    def tensor_type(value_info) -> int:
+        return value_info.type.tensor_type.elem_type
+
+    for init in graph.initializer:
+        if init.data_type in _BAD_TYPES:
+            problems.append(f"initializer {init.name}: {_BAD_TYPES[init.data_type]}")
+    for kind, values in (("input", graph.input), ("output", graph.output), ("value", graph.value_info)):
+        for v in values:
+            if tensor_type(v) in _BAD_TYPES:
+                problems.append(f"{kind} {v.name}: {_BAD_TYPES[tensor_type(v)]}")
+    producers = {out: node for node in graph.node for out in node.output}
+    counts = {"nodes": len(graph.node), "opset": opset, "attention": 0, "softmax": 0, "qdq": 0}
+    for node in graph.node:
+        where = f"node {node.name or '?'} ({node.op_type})"
+        if node.op_type == "ScatterND":
+            problems.append(f"{where}: ScatterND (an in-place strided write) breaks TensorRT's fusions")
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to in _BAD_TYPES:
+                problems.append(f"{where}: casts to {_BAD_TYPES[to]}")
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.t is not None and a.t.data_type in _BAD_TYPES:
+                    problems.append(f"{where}: {_BAD_TYPES[a.t.data_type]} constant")
+        if node.op_type == "Attention":
+            counts["attention"] += 1
+        if node.op_type == "QuantizeLinear":
+            counts["qdq"] += 1
+        if node.op_type == "Softmax":
+            counts["softmax"] += 1
+            first = producers.get(node.input[0])
+            if first is None or first.op_type != "MatMul":
+                problems.append(f"{where}: its input is not a MatMul, so TensorRT cannot fuse the attention")
+            elif not all(producers.get(i) is not None and producers[i].op_type in ("Mul", "Div", "Transpose")
+                         for i in first.input):
+                problems.append(f"{where}: Q and K are not scaled before {first.name} (MatMul); TensorRT's fused "
+                                "attention needs the scale applied before the first MatMul")
+    want = expected_attention_ops(config)
+    if opset >= 23:
+        if counts["softmax"]:
+            problems.append(f"{counts['softmax']} Softmax nodes in an opset-{opset} graph: attention should be "
+                            "the ONNX Attention op")
+        if counts["attention"] != want:
+            problems.append(f"{counts['attention']} Attention nodes, the model has {want} attention calls")
+    elif counts["softmax"] != want:
+        problems.append(f"{counts['softmax']} Softmax nodes, the model has {want} attention calls")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else "")
+        raise GraphCheckError(f"{path} is not ready for TensorRT: {shown}")
+    return counts

@@ -151,17 +151,21 @@ class FeedForward(nn.Module):
         return self.net[2](self.net[0](x))
 
 
-class SelfAttention(nn.Module):
+class _Attention(nn.Module):
+    """Projections of one Wan attention: q, k, v, out, and RMSNorm of q and k over the full dim,
+    across heads, before the split into heads."""
+
     def __init__(self, config: WanConfig):
         super().__init__()
         d = config.dim
         self.heads = config.num_heads
         self.to_q, self.to_k, self.to_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.to_out = nn.ModuleList([nn.Linear(d, d)])
-        # RMSNorm over the full dim, across heads, before the split into heads.
         self.norm_q = nn.RMSNorm(d, eps=config.eps)
         self.norm_k = nn.RMSNorm(d, eps=config.eps)
 
+
+class SelfAttention(_Attention):
     def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # [B, L, H, hd]
         k = self.norm_k(self.to_k(x)).unflatten(2, (self.heads, -1))
@@ -169,17 +173,8 @@ class SelfAttention(nn.Module):
         return self.to_out[0](_attention(_rope(q, rope_cos, rope_sin), _rope(k, rope_cos, rope_sin), v))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Attention from video tokens to the text context: no RoPE, no mask, no modulation."""
-
-    def __init__(self, config: WanConfig):
-        super().__init__()
-        d = config.dim
-        self.heads = config.num_heads
-        self.to_q, self.to_k, self.to_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.to_out = nn.ModuleList([nn.Linear(d, d)])
-        self.norm_q = nn.RMSNorm(d, eps=config.eps)
-        self.norm_k = nn.RMSNorm(d, eps=config.eps)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))

@@ -180,10 +180,10 @@ def original_to_diffusers_name(name: str) -> str:
         return _ORIGINAL_TOP_PARAMS[name]
     module, _, leaf = name.rpartition(".")
     if module.startswith("blocks."):
-        _, index, rest = module.split(".", 2) if module.count(".") >= 2 else (None, None, None)
-        if rest is None:  # blocks.N.modulation
+        parts = module.split(".", 2)  # "blocks", index[, the module inside the block]
+        if len(parts) == 2:  # blocks.N.modulation, a parameter of the block itself
             return f"{module}.scale_shift_table" if leaf == "modulation" else name
-        return f"blocks.{index}.{_ORIGINAL_BLOCK.get(rest, rest)}.{leaf}"
+        return f"blocks.{parts[1]}.{_ORIGINAL_BLOCK.get(parts[2], parts[2])}.{leaf}"
     return f"{_ORIGINAL_TOP[module]}.{leaf}" if module in _ORIGINAL_TOP else name
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builder.plan import forward_flops  # noqa: E402
 from runtime.config import LatentSize, WanConfig, get_preset  # noqa: E402
-from runtime.fp8 import Fp8Linear, quantize_fp8  # noqa: E402
+from runtime.fp8 import quantize_fp8  # noqa: E402
 from runtime.static import (StaticShape, StaticWanTransformer, TransformerBlock, parameter_shapes,  # noqa: E402
                             rope_tables)
 from runtime.weights import parameter_dtype  # noqa: E402
@@ -91,6 +91,24 @@ class Bench:
         times.sort()
         return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1],
                 "p25_ms": times[len(times) // 4], "p75_ms": times[(3 * len(times)) // 4], "n": repeats}
+
+    def record(self, case: str, variant: str, fn: Callable[[], torch.Tensor], flops: float, reference: torch.Tensor,
+               fp32_reference: torch.Tensor | None = None, note: str = "", **timing) -> None:
+        """Time one variant, compare it with the eager reference, keep and print the row."""
+        out = fn()
+        stats = self.time_ms(fn, **timing)
+        ms = stats["median_ms"]
+        floor_ms = flops / (self.results["matmul_tflops"] * 1e12) * 1e3
+        stats.update(tflops=flops / (ms * 1e-3) / 1e12, floor_ms=floor_ms, ratio_to_floor=ms / floor_ms,
+                     rel_error_vs_eager=relative_error(out, reference), note=note)
+        if fp32_reference is not None:
+            stats["rel_error_vs_fp32"] = relative_error(out, fp32_reference)
+        self.results["cases"][case]["variants"][variant] = stats
+        self.rows.append((case, variant, ms, stats["p25_ms"], stats["p75_ms"], stats["tflops"], floor_ms,
+                          ms / floor_ms, stats["rel_error_vs_eager"]))
+        print(f"  {case} {variant}: {ms:.2f} ms ({stats['tflops']:.0f} TFLOP/s, {ms / floor_ms:.2f}x floor, "
+              f"err {stats['rel_error_vs_eager']:.1e}) {note}")
+        self.save()
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +166,6 @@ def ceilings(b: Bench, tiny: bool) -> None:
     t = b.time_ms(lambda: dst.copy_(src), repeats=20)
     b.results["copy_tbps"] = 2 * nbytes / (t["median_ms"] * 1e-3) / 1e12
     print(f"ceiling: device copy {nbytes >> 20} MiB: {b.results['copy_tbps']:.2f} TB/s (read + write)")
-    del x, y, src, dst
 
 
 # -- one block ------------------------------------------------------------------------------------
@@ -203,7 +220,6 @@ def block_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, i
     case = {"config": config.name, "latent": latent, "tokens": shape.tokens(config), "flops": block_flops,
             "variants": {}}
     b.results["cases"][name] = case
-    floor_ms = block_flops / (b.results["matmul_tflops"] * 1e12) * 1e3
     block = random_block(config, b.device, seed=1)
     x, ctx, temb, cos, sin = block_inputs(config, shape, b.device, seed=2)
     contexts = (ctx,)
@@ -221,23 +237,10 @@ def block_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, i
 
         def record(variant: str, fn: Callable[[], torch.Tensor], note: str = "") -> None:
             try:
-                out = fn()
-                stats = b.time_ms(fn)
+                b.record(name, variant, fn, block_flops, reference, fp32_ref, note)
             except Exception as e:  # noqa: BLE001 - one variant failing must not lose the run
                 case["variants"][variant] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 print(f"  {name} {variant}: FAILED {type(e).__name__}: {str(e)[:200]}")
-                return
-            ms = stats["median_ms"]
-            stats.update(tflops=block_flops / (ms * 1e-3) / 1e12, floor_ms=floor_ms, ratio_to_floor=ms / floor_ms,
-                         rel_error_vs_eager=relative_error(out, reference), note=note)
-            if fp32_ref is not None:
-                stats["rel_error_vs_fp32"] = relative_error(out, fp32_ref)
-            case["variants"][variant] = stats
-            b.rows.append((name, variant, ms, stats["p25_ms"], stats["p75_ms"], stats["tflops"], floor_ms,
-                           ms / floor_ms, stats["rel_error_vs_eager"]))
-            print(f"  {name} {variant}: {ms:.2f} ms ({stats['tflops']:.0f} TFLOP/s, {ms / floor_ms:.2f}x floor, "
-                  f"err {stats['rel_error_vs_eager']:.1e}) {note}")
-            b.save()
 
         if b.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(b.device)
@@ -451,7 +454,6 @@ def random_tensor(name: str, shape: torch.Size, device: torch.device) -> torch.T
 def full_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, int], skip: set[str]) -> None:
     shape = StaticShape(1, *latent, per_token_timesteps=config.per_token_timesteps)
     flops = forward_flops(config, shape).total
-    floor_ms = flops / (b.results["matmul_tflops"] * 1e12) * 1e3
     case = {"config": config.name, "latent": latent, "tokens": shape.tokens(config), "flops": flops, "variants": {}}
     b.results["cases"][name] = case
     torch.manual_seed(5)
@@ -470,17 +472,7 @@ def full_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, in
             case["host_sync_free"] = no_host_sync(lambda: model(*inputs))
 
         def record(variant: str, fn: Callable[[], torch.Tensor]) -> None:
-            out = fn()
-            stats = b.time_ms(fn, repeats=repeats, warmup=1)
-            ms = stats["median_ms"]
-            stats.update(tflops=flops / (ms * 1e-3) / 1e12, floor_ms=floor_ms, ratio_to_floor=ms / floor_ms,
-                         rel_error_vs_eager=relative_error(out, reference))
-            case["variants"][variant] = stats
-            b.rows.append((name, variant, ms, stats["p25_ms"], stats["p75_ms"], stats["tflops"], floor_ms,
-                           ms / floor_ms, stats["rel_error_vs_eager"]))
-            print(f"  {name} {variant}: {ms:.1f} ms ({stats['tflops']:.0f} TFLOP/s, {ms / floor_ms:.2f}x floor, "
-                  f"err {stats['rel_error_vs_eager']:.1e})")
-            b.save()
+            b.record(name, variant, fn, flops, reference, repeats=repeats, warmup=1)
 
         record("ours eager", lambda: model(*inputs))
         if "diffusers" not in skip and b.left() > 60:

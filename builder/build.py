@@ -35,7 +35,7 @@ from runtime.static import StaticShape, StaticWanTransformer, parameter_shapes
 from runtime.weights import Checkpoint, load_checkpoint, materialize
 
 from .aoti import compile_aoti
-from .export import PARITY_SEED, PARITY_TOLERANCE, Parity, compare, export_onnx, share_weights
+from .export import PARITY_SEED, PARITY_TOLERANCE, compare, export_onnx, share_weights
 from .onnx_check import check_for_tensorrt
 from .quantize import calibrate_fp8, insert_fp8_qdq, require_cuda_for_nvfp4
 from .tensorrt import PLAN_FILE, build_plan
@@ -230,10 +230,22 @@ def build(profile: Profile, out: Path | None = None, *, allow_mismatch: bool = F
             echo("note: fp16 chosen; Wan's activations are known to overflow in FP16 (bf16 is the default and "
                  "keeps fp32's range)")
         planned = plan_entries(profile, fingerprints, device)
+        loaded: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
+
+        def tensors_for(entry: PlannedEntry) -> dict[str, torch.Tensor]:
+            """The expert's weights in the entry's dtype on the build device, made once per expert and
+            dtype (on a GPU each is a full host-to-device copy); one expert's are kept at a time."""
+            key = (entry.expert.name, Precision(entry.precision).dtype)
+            if key not in loaded:
+                if any(name != key[0] for name, _ in loaded):
+                    loaded.clear()
+                loaded[key] = materialize(checkpoints[key[0]].tensors, parameter_shapes(profile.config), key[1],
+                                          device)
+            return loaded[key]
+
         for i, entry in enumerate(planned, 1):
             prefix = f"[{i}/{len(planned)}] {entry.label()}"
-            result = _build_one(entry, checkpoints[entry.expert.name], profile, out, manifest, device,
-                                allow_mismatch, echo, prefix)
+            result = _build_one(entry, tensors_for, profile, out, manifest, device, allow_mismatch, echo, prefix)
             report.results.append(result)
             err = "" if result.relative_error is None else f", parity rel {result.relative_error:.1e}"
             echo(f"{prefix}: {result.status} in {result.seconds:.1f}s{err}"
@@ -242,8 +254,9 @@ def build(profile: Profile, out: Path | None = None, *, allow_mismatch: bool = F
     return report
 
 
-def _build_one(entry: PlannedEntry, ckpt: Checkpoint, profile: Profile, out: Path, manifest: dict[str, Any],
-               device: torch.device, allow_mismatch: bool, echo: Echo, prefix: str) -> EntryResult:
+def _build_one(entry: PlannedEntry, tensors_for: Callable[[PlannedEntry], dict[str, torch.Tensor]],
+               profile: Profile, out: Path, manifest: dict[str, Any], device: torch.device, allow_mismatch: bool,
+               echo: Echo, prefix: str) -> EntryResult:
     start = time.perf_counter()
     existing = manifest["entries"].get(entry.id)
     status = "built"
@@ -260,7 +273,7 @@ def _build_one(entry: PlannedEntry, ckpt: Checkpoint, profile: Profile, out: Pat
     echo(f"{prefix}: building")
     tmp = out / f".partial-{entry.id}-{os.getpid()}"
     try:
-        record = _build_files(entry, ckpt, profile, tmp, device, allow_mismatch)
+        record = _build_files(entry, tensors_for(entry), profile, tmp, device, allow_mismatch)
     except BuildFailed as e:
         shutil.rmtree(tmp, ignore_errors=True)
         return EntryResult(entry, "failed", time.perf_counter() - start, None, str(e))
@@ -278,11 +291,10 @@ def _build_one(entry: PlannedEntry, ckpt: Checkpoint, profile: Profile, out: Pat
                        "PARITY FAILED, kept by --allow-mismatch" if record["allow_mismatch"] else "")
 
 
-def _build_files(entry: PlannedEntry, ckpt: Checkpoint, profile: Profile, folder: Path, device: torch.device,
-                 allow_mismatch: bool) -> dict[str, Any]:
+def _build_files(entry: PlannedEntry, tensors: dict[str, torch.Tensor], profile: Profile, folder: Path,
+                 device: torch.device, allow_mismatch: bool) -> dict[str, Any]:
     config, shape = profile.config, entry.shape
     dtype = Precision(entry.precision).dtype
-    tensors = materialize(ckpt.tensors, parameter_shapes(config), dtype, device)
     model = StaticWanTransformer.from_parameters(config, shape, tensors).eval()
     inputs = model.example_inputs(seed=PARITY_SEED, dtype=dtype, device=device)
     extra: dict[str, Any] = {"quantization_error": None}

@@ -19,6 +19,7 @@ from runtime import WanTransformer, load_engines
 from runtime.errors import WanBuildError
 
 from .build import build
+from .export import compare
 from .init_weights import EXPERT_FOLDERS, init_weights
 from .profiles import load_profile
 
@@ -31,10 +32,6 @@ def _ms(fn: Callable[[], torch.Tensor], repeats: int = 5) -> tuple[float, torch.
         out = fn()
         times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times), out
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def write_demo_weights(profile_path: Path, echo: Callable[[str], None]) -> None:
@@ -78,7 +75,7 @@ def run_demo(profile_path: Path, echo: Callable[[str], None] = print) -> None:
                     model = WanTransformer.from_pretrained(expert.weights, engines=folder, backends=backends)
                     ms, out = _ms(lambda: model(x, t, ctx, return_dict=False)[0])
                     rows.append((expert.name, f"{label} {f}x{h}x{w}", model.last_route.backend, f"{ms:.1f}",
-                                 f"{_rel(out, ref):.1e}"))
+                                 f"{compare(out, ref, 1.0).relative:.1e}"))
                     if label == "unbuilt shape":
                         rows[-1] = rows[-1][:2] + (f"eager: {model.last_route.reason.split(';')[0]}",) + rows[-1][3:]
                         break

@@ -96,8 +96,3 @@ def init_weights(config: WanConfig, out: Path, seed: int = 0, dtype: torch.dtype
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folders
 
-
-def checkpoint_bytes(config: WanConfig, dtype: torch.dtype) -> int:
-    return sum(s.numel() * torch.empty(0, dtype=parameter_dtype(n, dtype)).element_size()
-               for n, s in parameter_shapes(config).items())
-

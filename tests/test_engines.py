@@ -166,9 +166,10 @@ def test_damaged_engine_is_refused_and_the_call_still_answers(built, tmp_path, d
     else:
         with pytest.raises(EngineError, match=reason):
             WanTransformer.from_pretrained(built / "w", **strict)
-    assert verify(folder, echo=lambda s: None)[0].status in ("ok", "failed")
-    if damage in ("tamper", "truncate", "delete"):
-        assert any(r.status == "failed" and r.entry.id == entry["id"] for r in verify(folder, echo=lambda s: None))
+    # verify re-hashes and re-runs the engine: damaged files and an unloadable package fail; a version
+    # note alone does not stop this machine's torch from running the package, so it verifies.
+    status = next(r.status for r in verify(folder, echo=lambda s: None) if r.entry.id == entry["id"])
+    assert status == ("ok" if damage == "version" else "failed")
 
 
 def test_verify_and_list(built):

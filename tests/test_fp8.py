@@ -7,7 +7,7 @@ import torch
 
 from builder.init_weights import init_weights
 from runtime import StaticShape, StaticWanTransformer, WanTransformer, get_preset
-from runtime.fp8 import Fp8Linear, Fp8Unsupported, fp8_layer_names, fp8_reference, kept_blocks, quantize_fp8
+from runtime.fp8 import Fp8Linear, Fp8Unsupported, fp8_layer_names, fp8_reference, kept_blocks
 
 from .conftest import make_inputs, relative_error
 

@@ -37,7 +37,9 @@ from runtime.weights import Checkpoint, load_checkpoint, materialize
 from .aoti import compile_aoti
 from .export import PARITY_SEED, PARITY_TOLERANCE, compare, export_onnx, share_weights
 from .onnx_check import check_for_tensorrt
-from .quantize import calibrate_fp8, insert_fp8_qdq, require_cuda_for_nvfp4
+from .nvfp4 import FP4_DATA, insert_nvfp4_qdq
+from .nvfp4 import emulate as emulate_nvfp4
+from .quantize import calibrate_fp8, calibrate_nvfp4, insert_fp8_qdq, node_scope
 from .tensorrt import PLAN_FILE, build_plan
 from .profiles import Expert, Profile, ShapeSpec
 
@@ -195,9 +197,9 @@ def unavailable(entry: PlannedEntry, device: torch.device) -> str | None:
         cc = tuple(int(x) for x in device_info(device)["compute_capability"].split("."))
         if precision == Precision.FP8 and cc < (8, 9):
             return f"FP8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); this GPU is {cc[0]}.{cc[1]}"
-        if precision == Precision.NVFP4:
-            return ("NVFP4 needs a Blackwell GPU (compute capability 10.0+)" if cc < (10, 0) else
-                    "NVFP4 ONNX export (block-scaled FP4 Q/DQ) is not implemented in this version")
+        if precision == Precision.NVFP4 and cc < (10, 0):
+            return (f"NVFP4 needs a Blackwell GPU (compute capability 10.0 or newer); this GPU is "
+                    f"{cc[0]}.{cc[1]}; use fp8 or bf16 here")
     return None
 
 
@@ -370,17 +372,25 @@ def prepare_tensorrt_onnx(entry: PlannedEntry, model: StaticWanTransformer, inpu
     config = profile.config
     constants = {k: v.detach() for k, v in _constants(model).items()}
     path = export_onnx(config, entry.shape, constants, model.dtype, folder, profile.onnx_opset)
-    if entry.precision == Precision.NVFP4.value:
-        require_cuda_for_nvfp4(model.rope_cos.device)
     with torch.no_grad():
         reference = model(*inputs)
+    seeds = range(PARITY_SEED + 1, PARITY_SEED + 1 + FP8_CALIBRATION_BATCHES)
+    calibration_inputs = (model.example_inputs(seed=s, dtype=model.dtype) for s in seeds)
     if entry.precision == Precision.FP8.value:
-        seeds = range(PARITY_SEED + 1, PARITY_SEED + 1 + FP8_CALIBRATION_BATCHES)
-        calibration = calibrate_fp8(model, (model.example_inputs(seed=s, dtype=model.dtype) for s in seeds), inputs)
+        calibration = calibrate_fp8(model, calibration_inputs, inputs)
         insert_fp8_qdq(path, calibration, model.dtype)
         with torch.no_grad():
             reference = model(*inputs)  # Model Optimizer's fake quantization: what the engine computes
         extra["quantization_error"] = {**calibration.to_json(), "relative": calibration.relative_error}
+    if entry.precision == Precision.NVFP4.value:
+        calibration = calibrate_nvfp4(model, calibration_inputs, inputs)
+        insert_nvfp4_qdq(path, calibration.input_amax, {n: model.get_submodule(n).weight
+                                                         for n in calibration.input_amax},
+                         model.dtype, node_scope, lambda s: s.removeprefix("model."))
+        with torch.no_grad(), emulate_nvfp4(model, calibration.input_amax):
+            reference = model(*inputs)  # the engine's arithmetic, emulated
+        extra["quantization_error"] = {**calibration.to_json(), "relative": calibration.relative_error}
+        share_weights(folder, folder.parent / WEIGHTS_STORE, FP4_DATA)
     share_weights(folder, folder.parent / WEIGHTS_STORE)
     extra["onnx_check"] = check_for_tensorrt(path, config)
     return path, reference

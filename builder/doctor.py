@@ -67,7 +67,7 @@ def capabilities(cc: tuple[int, int] | None, trt_ok: bool, providers: str) -> li
     rows.append(("aoti", aoti_prec if aoti else "no (needs a C++ compiler)",
                  aoti_prec + (" (CUDA)" if gpu else " (CPU)")))
     if trt_ok and gpu:
-        trt_prec = "fp32, fp16, bf16" + (", fp8" if fp8 else "") + (" (nvfp4: not yet)" if cc >= (10, 0) else "")
+        trt_prec = "fp32, fp16, bf16" + (", fp8" if fp8 else "") + (", nvfp4" if cc >= (10, 0) else "")
         rows.append(("tensorrt", trt_prec, trt_prec))
     else:
         why = "no (TensorRT not installed)" if not trt_ok else "no (no CUDA GPU)"

@@ -123,15 +123,15 @@ def export_onnx(config: WanConfig, shape: StaticShape, tensors: Mapping[str, tor
     return path
 
 
-def share_weights(folder: Path, store: Path) -> str:
-    """Keep one copy of `folder/model.onnx.data` per content in `store`, hard-linked into `folder`.
-    Returns the data file's sha256. Falls back to a private copy where hard links are impossible."""
+def share_weights(folder: Path, store: Path, name: str = ONNX_DATA) -> str:
+    """Keep one copy of `folder/name` (an external-data file) per content in `store`, hard-linked
+    into `folder`. Returns its sha256. Falls back to a private copy where hard links are impossible."""
     from runtime.manifest import sha256_file
 
-    data = folder / ONNX_DATA
+    data = folder / name
     digest = sha256_file(data, use_cache=False)
     store.mkdir(parents=True, exist_ok=True)
-    shared = store / f"{digest}.onnx.data"
+    shared = store / f"{digest}{''.join(Path(name).suffixes[-2:])}"
     if not shared.exists():
         os.replace(data, shared)
     else:

@@ -7,7 +7,10 @@
   lower opsets the decomposed MatMul -> Softmax -> MatMul pattern with the scale applied to Q and K
   before the first MatMul (what torch's exporter writes), which TensorRT's fused-attention pass
   recognises;
-- as many attention ops as the model has attention calls (self + cross, + image cross for I2V).
+- as many attention ops as the model has attention calls (self + cross, + image cross for I2V);
+- no operator outside the standard domain except TensorRT's own `trt::TRT_FP4DynamicQuantize`
+  (NVFP4 activations), which must use 16-value blocks on the last axis with FP8 scales, and every
+  FP4 DequantizeLinear the same blocks (what TensorRT's FP4 GEMMs take).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from runtime.errors import WanBuildError
 
 _DOUBLE, _COMPLEX64, _COMPLEX128 = 11, 14, 15
 _BAD_TYPES = {_DOUBLE: "float64", _COMPLEX64: "complex64", _COMPLEX128: "complex128"}
+_FLOAT4E2M1, _FLOAT8E4M3FN = 23, 17
+_TRT_OPS = {("trt", "TRT_FP4DynamicQuantize")}
+_FP4_BLOCK = 16
 
 
 class GraphCheckError(WanBuildError):
@@ -49,9 +55,32 @@ def check_for_tensorrt(path: Path, config: WanConfig) -> dict[str, int]:
             if tensor_type(v) in _BAD_TYPES:
                 problems.append(f"{kind} {v.name}: {_BAD_TYPES[tensor_type(v)]}")
     producers = {out: node for node in graph.node for out in node.output}
-    counts = {"nodes": len(graph.node), "opset": opset, "attention": 0, "softmax": 0, "qdq": 0}
+    counts = {"nodes": len(graph.node), "opset": opset, "attention": 0, "softmax": 0, "qdq": 0, "fp4": 0}
+    fp4_values = {i.name for i in graph.initializer if i.data_type == _FLOAT4E2M1}
+
+    def attr(node, name):
+        return next((a.i for a in node.attribute if a.name == name), None)
+
+    def fp4_blocks(node, where: str) -> None:
+        if attr(node, "block_size") != _FP4_BLOCK or attr(node, "axis") != -1:
+            problems.append(f"{where}: FP4 needs blocks of {_FP4_BLOCK} on the last axis "
+                            f"(block_size={attr(node, 'block_size')}, axis={attr(node, 'axis')})")
+
     for node in graph.node:
         where = f"node {node.name or '?'} ({node.op_type})"
+        if node.domain not in ("", "ai.onnx"):
+            if (node.domain, node.op_type) not in _TRT_OPS:
+                problems.append(f"{where}: operator of domain '{node.domain}' that TensorRT's parser does not know")
+            else:
+                fp4_blocks(node, where)
+                if attr(node, "scale_type") != _FLOAT8E4M3FN:
+                    problems.append(f"{where}: NVFP4 block scales must be FLOAT8E4M3FN (scale_type=17)")
+                fp4_values.add(node.output[0])
+                counts["fp4"] += 1
+        if node.op_type == "DequantizeLinear" and node.input[0] in fp4_values:
+            fp4_blocks(node, where)
+            if opset < 23:
+                problems.append(f"{where}: FP4 DequantizeLinear needs opset 23 (this graph is opset {opset})")
         if node.op_type == "ScatterND":
             problems.append(f"{where}: ScatterND (an in-place strided write) breaks TensorRT's fusions")
         if node.op_type == "Cast":

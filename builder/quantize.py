@@ -14,8 +14,11 @@
    its quantize op, the TorchScript one cannot export RMSNorm; the Q/DQ insertion here is small and
    checked by running the fp32 graph in ONNX Runtime against Model Optimizer's fake quantization.)
 
-NVFP4 calibration needs CUDA (Model Optimizer's NVFP4 quantizers run on a GPU) and its ONNX form
-(block-scaled FP4 Q/DQ) is not written by this version: NVFP4 entries are refused with that reason.
+NVFP4 (`calibrate_nvfp4`, then `builder.nvfp4.insert_nvfp4_qdq`): Model Optimizer's NVFP4 recipe
+calibrates the activations' per-tensor scales, which needs CUDA (its NVFP4 quantizers refuse CPU
+tensors); the weights' block scales come from the weights. The reference the engine is checked
+against is this project's emulation of the engine's arithmetic, itself compared with Model
+Optimizer's fake quantization and recorded.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def calibrate_fp8(model: StaticWanTransformer, batches: Iterable[tuple[torch.Ten
     return Calibration(amax, error, len(batches))
 
 
-def _scope(node) -> str | None:
+def node_scope(node) -> str | None:
     """The module path of the call a node came from (the exporter records the scope stack, ending
     with the op's own name)."""
     for prop in node.metadata_props:
@@ -114,7 +117,7 @@ def insert_fp8_qdq(onnx_path: Path, calibration: Calibration, dtype: torch.dtype
     graph.initializer.append(zero)
     new_nodes, added, seen = [], 0, set()
     for node in graph.node:
-        name = module_name(_scope(node) or "")
+        name = module_name(node_scope(node) or "")
         if node.op_type in ("MatMul", "Gemm") and name in calibration.amax:
             seen.add(name)
             for slot, amax in zip((0, 1), calibration.amax[name]):
@@ -144,9 +147,59 @@ def insert_fp8_qdq(onnx_path: Path, calibration: Calibration, dtype: torch.dtype
     return added
 
 
-def require_cuda_for_nvfp4(device: torch.device) -> None:
-    if torch.device(device).type != "cuda":
+@dataclass(frozen=True)
+class Nvfp4Calibration:
+    input_amax: dict[str, float]  # linear layer -> activation amax (its per-tensor scale)
+    relative_error: float  # the engine's arithmetic (emulated) vs unquantized, held-out inputs
+    modelopt_difference: float  # the emulation vs Model Optimizer's own NVFP4 fake quantization
+    batches: int
+
+    def to_json(self) -> dict:
+        return {"layers": len(self.input_amax), "batches": self.batches,
+                "relative_error_vs_unquantized": self.relative_error,
+                "emulation_vs_model_optimizer": self.modelopt_difference,
+                "recipe": "Model Optimizer NVFP4_DEFAULT_CFG (E2M1, 16-value blocks, FP8 block scales, "
+                "max calibration); patch embedding, condition embedder, proj_out and the first and last "
+                "blocks kept"}
+
+
+def calibrate_nvfp4(model: StaticWanTransformer, batches: Iterable[tuple[torch.Tensor, ...]],
+                    held_out: tuple[torch.Tensor, ...]) -> Nvfp4Calibration:
+    """Calibrate the activation scales with Model Optimizer's NVFP4 recipe (CUDA only); measure the
+    error of exactly what the engine computes (`builder.nvfp4.emulate`) against the unquantized
+    model. `model` is left unquantized: Model Optimizer works on a second module over the same
+    tensors."""
+    from .nvfp4 import emulate
+
+    if model.rope_cos.device.type != "cuda":
         raise QuantizeError("NVFP4 calibration needs CUDA: Model Optimizer's NVFP4 quantizers run on a GPU "
-                            "(\"amax must be a CUDA tensor\"); build NVFP4 entries on a Blackwell GPU machine")
-    raise QuantizeError("NVFP4 ONNX export (block-scaled FP4 Q/DQ) is not implemented in this version; "
-                        "use fp8 or bf16")
+                            "(on the CPU they stop with \"amax must be a CUDA tensor\"); build NVFP4 entries "
+                            "on a GPU machine (Blackwell to run them)")
+    mtq = _modelopt()
+    config = model.config
+    names = fp8_layer_names(model, config.num_layers)
+    keep = kept_blocks(config.num_layers)
+    cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
+    kept = ["*patch_embedding*", "*condition_embedder*", "*proj_out*"]
+    kept += [f"blocks.{i}.*" for i in range(config.num_layers) if i < keep or i >= config.num_layers - keep]
+    cfg["quant_cfg"] += [{"quantizer_name": pattern, "enable": False} for pattern in kept]
+    batches = list(batches)
+    shadow = StaticWanTransformer.from_parameters(config, model.shape, dict(model.named_parameters())).eval()
+    shadow.to(model.rope_cos.device)
+    with torch.no_grad():
+        reference = model(*held_out)
+        mtq.quantize(shadow, cfg, forward_loop=lambda m: [m(*b) for b in batches])
+        theirs = shadow(*held_out)
+    amax = {}
+    for name in names:
+        quantizer = shadow.get_submodule(name).input_quantizer
+        if quantizer.amax is None:
+            raise QuantizeError(f"Model Optimizer left {name} uncalibrated; the calibration inputs never reached it")
+        amax[name] = float(quantizer.amax.max())
+    with torch.no_grad(), emulate(model, amax):
+        ours = model(*held_out)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    return Nvfp4Calibration(amax, rel(ours, reference), rel(ours, theirs), len(batches))

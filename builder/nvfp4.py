@@ -1,0 +1,257 @@
+"""NVFP4: 4-bit E2M1 values in blocks of 16 along the reduction axis, one FP8 (E4M3) scale per block,
+one FP32 scale per tensor. What TensorRT runs on Blackwell's FP4 tensor cores, written as Q/DQ nodes.
+
+Numbers (the same recipe as NVIDIA Model Optimizer's NVFP4 and TensorRT's dynamic FP4 quantization):
+
+    global = amax / (6 * 448)                     per tensor; amax from calibration (activations)
+                                                  or from the weight itself
+    block  = fp8_e4m3(block_amax / 6 / global)    per 16 values, clamped to [2**-9, 448]; 0 -> 1
+    value  = e2m1(x / (block * global))           round to nearest, ties to even, clamped to +-6
+
+The ONNX form, per quantized linear layer (MatMul(x, W^T), W stored [out, in]):
+
+    activation: x -> trt::TRT_FP4DynamicQuantize(x, global_x) -> (x_fp4, scale_fp8)
+                scale = DequantizeLinear(scale_fp8, global_x)
+                x'    = DequantizeLinear(x_fp4, scale, axis=-1, block_size=16)
+    weight:     W' = DequantizeLinear(W_fp4 [out, in], DequantizeLinear(W_scale_fp8, global_w),
+                                      axis=-1, block_size=16);  Transpose(W') -> MatMul
+
+`TRT_FP4DynamicQuantize` is TensorRT's own ONNX operator (domain `trt`); the two-level
+DequantizeLinear is standard ONNX (opset 23: FLOAT4E2M1 with blocked scales). This is the layout
+Model Optimizer's NVFP4 exporter writes. The FP4 weights go to a second external-data file next to
+the graph, `model.nvfp4.data`, shared between the shapes of one expert like the 16-bit weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from runtime.errors import WanBuildError
+
+BLOCK = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+FP4_DATA = "model.nvfp4.data"
+TRT_DOMAIN = "trt"
+DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
+
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+# Midpoints between neighbours; a value exactly on one rounds to the even code (the lower one for
+# 0.25, 1.25, 2.5, 5; the upper one for 0.75, 1.75, 3.5).
+_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+_TIES_UP = torch.tensor([0.75, 1.75, 3.5])
+
+_FLOAT4E2M1, _FLOAT8E4M3FN, _FLOAT = 23, 17, 1
+_ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
+
+
+class Nvfp4Error(WanBuildError):
+    """A layer cannot be written in NVFP4; the message names it and says why."""
+
+
+def global_scale(amax: float | torch.Tensor) -> torch.Tensor:
+    """The per-tensor FP32 scale: amax / (6 * 448); 1 where amax is 0 (an all-zero tensor)."""
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+
+
+def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (sign << 3 | magnitude index) of already scaled values, round to nearest even."""
+    magnitude = x.abs().float().clamp(max=E2M1_MAX)
+    index = torch.bucketize(magnitude, _MIDPOINTS.to(x.device))  # how many midpoints lie below
+    index += torch.isin(magnitude, _TIES_UP.to(x.device))
+    return ((x < 0).to(torch.uint8) << 3) | index.to(torch.uint8)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    values = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
+    return torch.where((codes & 8) != 0, -values, values)
+
+
+def _blocks(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.shape[-1] % BLOCK:
+        raise Nvfp4Error(f"{what}: the last dimension ({x.shape[-1]}) is not a multiple of the NVFP4 block "
+                         f"size {BLOCK}; keep this layer in 16-bit")
+    return x.float().reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, what: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, block scales): uint8 codes shaped like `x`, FP8 E4M3 scales shaped [..., K / 16]."""
+    blocks = _blocks(x, what)
+    block = blocks.abs().amax(-1) / (E2M1_MAX * scale)
+    block = torch.where(block == 0, torch.ones_like(block), block)
+    block = block.clamp(min=2.0 ** -9, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    codes = e2m1_codes(blocks / (block.float() * scale).unsqueeze(-1))
+    return codes.reshape(x.shape), block
+
+
+def dequantize(codes: torch.Tensor, block: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    values = _blocks(e2m1_decode(codes), "codes")
+    return (values * (block.float() * scale).unsqueeze(-1)).reshape(codes.shape)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x through NVFP4 and back, in x's dtype: what the engine's Q/DQ pair computes."""
+    return dequantize(*quantize(x, scale), scale).to(x.dtype)
+
+
+def pack(codes: torch.Tensor) -> bytes:
+    """Two codes per byte, the first in the low nibble, in row-major order (ONNX's FLOAT4E2M1)."""
+    flat = codes.flatten()
+    if flat.numel() % 2:
+        raise Nvfp4Error("an odd number of FP4 values cannot be packed two per byte")
+    return (flat[0::2] | (flat[1::2] << 4)).contiguous().numpy().tobytes()
+
+
+class _FakeQuantLinear(nn.Module):
+    """A linear layer computing what the NVFP4 engine does: dynamic FP4 input, FP4 weight."""
+
+    def __init__(self, linear: nn.Linear, input_amax: float):
+        super().__init__()
+        self.linear = linear
+        self.input_scale = global_scale(input_amax)
+        weight = linear.weight.detach()
+        self.weight = fake_quantize(weight, global_scale(weight.abs().amax()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(fake_quantize(x, self.input_scale.to(x.device)), self.weight,
+                                    self.linear.bias)
+
+
+class emulate:
+    """`with emulate(model, input_amax): model(...)` runs the layers in `input_amax` the NVFP4 way;
+    the model is restored on exit."""
+
+    def __init__(self, model: nn.Module, input_amax: Mapping[str, float]):
+        self.model, self.input_amax = model, input_amax
+        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def __enter__(self) -> nn.Module:
+        for name, amax in self.input_amax.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            linear = getattr(parent, child)
+            setattr(parent, child, _FakeQuantLinear(linear, amax))
+            self._swapped.append((parent, child, linear))
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for parent, child, linear in reversed(self._swapped):
+            setattr(parent, child, linear)
+        self._swapped.clear()
+
+
+def observe_input_amax(model: nn.Module, names: list[str], batches) -> dict[str, float]:
+    """Max calibration: the largest |input| each named layer sees over `batches`."""
+    amax = dict.fromkeys(names, 0.0)
+    hooks = []
+    for name in names:
+        def hook(module, args, name=name):
+            amax[name] = max(amax[name], float(args[0].detach().abs().amax()))
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(*batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return amax
+
+
+def insert_nvfp4_qdq(onnx_path: Path, input_amax: Mapping[str, float], weights: Mapping[str, torch.Tensor],
+                     dtype: torch.dtype, scope_of: Callable, module_name: Callable[[str], str]) -> int:
+    """Rewrite each listed layer's MatMul of `onnx_path` to NVFP4 (module docstring); returns the
+    layers rewritten. `weights[name]` is the layer's [out, in] weight; the 16-bit copy the graph held
+    is dropped from the graph (its bytes stay in the shared 16-bit data file, which other entries use)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    import numpy as np
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    onnx_dtype = _ONNX_DTYPES[dtype]
+    data_path = onnx_path.with_name(FP4_DATA)
+    new_nodes, done, dropped = [], set(), set()
+
+    with open(data_path, "wb") as data:
+        def external(name: str, data_type: int, dims: list[int], raw: bytes):
+            tensor = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
+            offset = data.tell()
+            data.write(raw)
+            data.write(b"\0" * (-data.tell() % 64))
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", FP4_DATA), ("offset", str(offset)), ("length", str(len(raw)))):
+                tensor.external_data.add(key=key, value=value)
+            graph.initializer.append(tensor)
+
+        def scalar(name: str, value: float) -> str:
+            graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
+            if onnx_dtype == _FLOAT:
+                return name
+            new_nodes.append(helper.make_node("Cast", [name], [f"{name}.cast"], to=onnx_dtype, name=f"{name}.Cast"))
+            return f"{name}.cast"
+
+        def double_dq(tag: str, values: str, scales: str, scale: str) -> str:
+            new_nodes.append(helper.make_node("DequantizeLinear", [scales, scale], [f"{tag}.block_scale"],
+                                              name=f"{tag}.DequantizeScale"))
+            new_nodes.append(helper.make_node("DequantizeLinear", [values, f"{tag}.block_scale"], [f"{tag}.dq"],
+                                              name=f"{tag}.DequantizeLinear", axis=-1, block_size=BLOCK))
+            return f"{tag}.dq"
+
+        for node in graph.node:
+            name = module_name(scope_of(node) or "")
+            if node.op_type == "MatMul" and name in input_amax and name not in done:
+                weight = weights[name].detach().float().cpu()
+                held = initializers.get(node.input[1])
+                if held is None or list(held.dims) != [weight.shape[1], weight.shape[0]]:
+                    raise Nvfp4Error(f"{onnx_path}: the MatMul of {name} does not take its weight as a stored "
+                                     f"[in, out] matrix; cannot write it in NVFP4")
+                _blocks(weight, name)
+                # activation: dynamic FP4 at run time, the calibrated per-tensor scale
+                tag = f"{name}.input"
+                x_scale = scalar(f"{tag}.global_scale", float(global_scale(input_amax[name])))
+                new_nodes.append(helper.make_node(DYNAMIC_QUANTIZE, [node.input[0], f"{tag}.global_scale"],
+                                                  [f"{tag}.fp4", f"{tag}.fp8_scale"], name=f"{tag}.{DYNAMIC_QUANTIZE}",
+                                                  domain=TRT_DOMAIN, axis=-1, block_size=BLOCK,
+                                                  scale_type=_FLOAT8E4M3FN))
+                x = double_dq(tag, f"{tag}.fp4", f"{tag}.fp8_scale", x_scale)
+                # weight: FP4 values and FP8 block scales stored, [out, in], then transposed
+                tag = f"{name}.weight"
+                w_scale = global_scale(weight.abs().amax())
+                codes, block = quantize(weight, w_scale, name)
+                external(f"{tag}.fp4", _FLOAT4E2M1, list(weight.shape), pack(codes))
+                external(f"{tag}.fp8_scale", _FLOAT8E4M3FN, list(block.shape),
+                         block.view(torch.uint8).contiguous().numpy().tobytes())
+                w = double_dq(tag, f"{tag}.fp4", f"{tag}.fp8_scale", scalar(f"{tag}.global_scale", float(w_scale)))
+                new_nodes.append(helper.make_node("Transpose", [w], [f"{tag}.t"], perm=[1, 0], name=f"{tag}.Transpose"))
+                consumers[node.input[1]] -= 1
+                if consumers[node.input[1]] == 0:
+                    dropped.add(node.input[1])
+                node.input[0], node.input[1] = x, f"{tag}.t"
+                done.add(name)
+            new_nodes.append(node)
+    missing = sorted(set(input_amax) - done)
+    if missing:
+        data_path.unlink()
+        raise Nvfp4Error(f"{onnx_path}: no MatMul found for {', '.join(missing[:4])}; the export's name "
+                         "scopes do not match the model's layer names")
+    kept = [init for init in graph.initializer if init.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    if not any(o.domain == TRT_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(TRT_DOMAIN, 1))
+    onnx.save(model, str(onnx_path))
+    return len(done)

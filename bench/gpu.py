@@ -13,7 +13,8 @@ Cases (wan-architecture sections 8-9 for the FLOPs):
   full480   the full 40-layer 14B forward at 480p-81f (28.6 GB of bf16 weights)
 Variants: diffusers' block (when importable), our static block eager, CUDA-graph replay,
 torch.compile, AOTInductor, FP8 linear layers (eager and compiled); plus microbenchmarks of the
-attention backends, the linear part in bf16 vs FP8, and fused vs separate QKV projections.
+attention backends, the linear part in bf16 vs FP8 (eager, eager with the FP8 quantizer unfused, and
+compiled), and fused vs separate QKV projections.
 
     python bench/gpu.py                       # everything, sized for < 7 min on an H100
     python bench/gpu.py --cases block480 --skip aoti
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builder.plan import forward_flops  # noqa: E402
 from runtime.config import LatentSize, WanConfig, get_preset  # noqa: E402
+from runtime import fp8 as fp8_module  # noqa: E402
 from runtime.fp8 import quantize_fp8  # noqa: E402
 from runtime.static import (StaticShape, StaticWanTransformer, TransformerBlock, parameter_shapes,  # noqa: E402
                             rope_tables)
@@ -277,6 +279,8 @@ def block_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, i
         if "fp8" not in skip:
             fp8 = fp8_block(config, b.device, "rowwise")
             record("ours FP8 linear (rowwise)", lambda: fp8(x, contexts, temb, cos, sin))
+            if b.device.type == "cuda":  # what the eager path did before its quantizer was compiled
+                record("ours FP8 linear (rowwise, unfused quantizer)", unfused(lambda: fp8(x, contexts, temb, cos, sin)))
             fp8t = fp8_block(config, b.device, "tensor")
             record("ours FP8 linear (per-tensor)", lambda: fp8t(x, contexts, temb, cos, sin))
             if "compile" not in skip and b.left() > 120:
@@ -286,7 +290,7 @@ def block_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, i
                 record("ours FP8 + torch.compile", lambda: cfp8(x, contexts, temb, cos, sin),
                        f"(compile {time.perf_counter() - t0:.0f} s)")
             if "micro" not in skip:
-                linear_part(b, name, block, fp8, shape.tokens(config), config)
+                linear_part(b, name, block, fp8, shape.tokens(config), config, compile_too="compile" not in skip)
         if "micro" not in skip:
             attention_backends(b, name, config, shape.tokens(config))
             fused_qkv(b, name, block, x)
@@ -366,31 +370,55 @@ def aoti_block(block: torch.nn.Module, args: tuple, path: Path):
 
 
 # -- microbenchmarks ------------------------------------------------------------------------------
-def linear_part(b: Bench, name: str, block, fp8_block, tokens: int, config: WanConfig) -> None:
-    """The block's linear layers alone at their real shapes: bf16 vs FP8 (activation quantization
-    included)."""
+def unfused(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`fn` with FP8 activation quantization run as plain eager passes (not compiled)."""
+    def call() -> torch.Tensor:
+        fp8_module.FUSE_ON_CUDA = False
+        try:
+            return fn()
+        finally:
+            fp8_module.FUSE_ON_CUDA = True
+    return call
+
+
+def linear_part(b: Bench, name: str, block, fp8_block, tokens: int, config: WanConfig, compile_too: bool) -> None:
+    """The block's ten linear layers alone at their real shapes: bf16 vs FP8 (activation quantization
+    included), eager (FP8 with the compiled quantizer, and with plain eager passes) and, budget
+    permitting, each whole set compiled."""
     dev, d, f = b.device, config.dim, config.ffn_dim
     g = torch.Generator(device=dev).manual_seed(3)
     x_d = torch.randn(tokens, d, device=dev, generator=g).to(torch.bfloat16)
     x_f = torch.randn(tokens, f, device=dev, generator=g).to(torch.bfloat16)
     ctx = torch.randn(512, d, device=dev, generator=g).to(torch.bfloat16)
 
-    def run(blk):
+    def run(blk, x_d, x_f, ctx):
         a1, a2, ff = blk.attn1, blk.attn2, blk.ffn.net
         return [a1.to_q(x_d), a1.to_k(x_d), a1.to_v(x_d), a1.to_out[0](x_d), a2.to_q(x_d), a2.to_out[0](x_d),
                 a2.to_k(ctx), a2.to_v(ctx), ff[0].proj(x_d), ff[2](x_f)]
 
     flops = 2 * tokens * (6 * d * d + 2 * d * f) + 2 * 512 * 2 * d * d
-    bf16 = b.time_ms(lambda: run(block))
-    fp8 = b.time_ms(lambda: run(fp8_block))
-    errs = [relative_error(o, r) for o, r in zip(run(fp8_block), run(block))]
-    res = {"bf16_ms": bf16["median_ms"], "fp8_ms": fp8["median_ms"], "speedup": bf16["median_ms"] / fp8["median_ms"],
-           "bf16_tflops": flops / bf16["median_ms"] / 1e9, "fp8_tflops": flops / fp8["median_ms"] / 1e9,
-           "rel_error_max": max(errs), "rel_error_mean": sum(errs) / len(errs)}
+    variants = {"bf16": lambda: run(block, x_d, x_f, ctx), "fp8": lambda: run(fp8_block, x_d, x_f, ctx)}
+    if dev.type == "cuda":
+        variants["fp8 unfused quantizer"] = unfused(variants["fp8"])
+    if compile_too and b.left() > 90:
+        for key, blk in (("bf16 compiled", block), ("fp8 compiled", fp8_block)):
+            compiled = torch.compile(lambda x_d, x_f, ctx, blk=blk: run(blk, x_d, x_f, ctx), fullgraph=True)
+            compiled(x_d, x_f, ctx)
+            variants[key] = lambda compiled=compiled: compiled(x_d, x_f, ctx)
+    res = {}
+    for key, fn in variants.items():
+        t = b.time_ms(fn)
+        res[f"{key} ms"] = t["median_ms"]
+        res[f"{key} TFLOP/s"] = flops / t["median_ms"] / 1e9
+    errs = [relative_error(o, r) for o, r in zip(variants["fp8"](), variants["bf16"]())]
+    res["rel_error_max"], res["rel_error_mean"] = max(errs), sum(errs) / len(errs)
+    res["fp8 vs bf16, eager"] = res["bf16 ms"] / res["fp8 ms"]
+    if "fp8 compiled ms" in res:
+        res["fp8 vs bf16, compiled"] = res["bf16 compiled ms"] / res["fp8 compiled ms"]
     b.results["micro"][f"{name} linear part"] = res
-    print(f"  {name} linear part: bf16 {res['bf16_ms']:.2f} ms ({res['bf16_tflops']:.0f} TFLOP/s), FP8 "
-          f"{res['fp8_ms']:.2f} ms ({res['fp8_tflops']:.0f} TFLOP/s): {res['speedup']:.2f}x, per-layer error "
-          f"{res['rel_error_mean']:.1e} mean")
+    times = ", ".join(f"{k.removesuffix(' ms')} {v:.2f} ms" for k, v in res.items() if k.endswith(" ms"))
+    ratios = ", ".join(f"{k} {v:.2f}x" for k, v in res.items() if k.startswith("fp8 vs"))
+    print(f"  {name} linear part: {times}; {ratios}; per-layer FP8 error {res['rel_error_mean']:.1e} mean")
 
 
 def attention_backends(b: Bench, name: str, config: WanConfig, tokens: int) -> None:

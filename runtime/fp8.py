@@ -45,16 +45,46 @@ def check_fp8_device(device: torch.device | str) -> None:
                              f"{torch.cuda.get_device_name(device)} is {major}.{minor}. Use bf16 on this GPU.")
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 values and one fp32 scale per row ([..., 1]); x ~= q * scale."""
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
-def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 values and one fp32 scale for the whole tensor."""
+def _tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax().float().clamp(min=1e-12) / E4M3_MAX
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+# Run eagerly, the quantization above is five passes over the activation, three of them in fp32:
+# on an H200 at 480p it made the FP8 linear layers slower than bf16 (0.88x, docs/benchmarks.md).
+# Compiled (Inductor), it is one kernel per row block for rowwise scaling (read 16-bit, write
+# 8-bit) and two for per-tensor scaling. On CUDA the eager path uses the compiled version; inside
+# torch.compile / export the plain code is traced, and the surrounding compile fuses it itself.
+FUSE_ON_CUDA = True
+_compiled: dict = {}
+
+
+def fused(fn):
+    """`fn` compiled for static shapes, compiled once per process (then once per new shape)."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _compiled[fn]
+
+
+def _dispatch(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.is_cuda and FUSE_ON_CUDA and not torch.compiler.is_compiling():
+        return fused(fn)(x)
+    return fn(x)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 values and one fp32 scale per row ([..., 1]); x ~= q * scale."""
+    return _dispatch(_rows, x)
+
+
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 values and one fp32 scale for the whole tensor."""
+    return _dispatch(_tensor, x)
 
 
 class Fp8Linear(nn.Module):
@@ -68,6 +98,7 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"scaling must be one of {SCALINGS}")
         self.in_features, self.out_features, self.scaling, self.out_dtype = in_features, out_features, scaling, out_dtype
         self._quantize_input = quantize_rows if scaling == "rowwise" else quantize_tensor  # decided once
+        self._quantize_plain = _rows if scaling == "rowwise" else _tensor
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
                                    requires_grad=False)
         scale_shape = (1, out_features) if scaling == "rowwise" else ()
@@ -78,7 +109,7 @@ class Fp8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, scaling: str = "rowwise",
                     out_dtype: torch.dtype = torch.bfloat16) -> "Fp8Linear":
         layer = cls(linear.in_features, linear.out_features, scaling, out_dtype).to(linear.weight.device)
-        q, scale = layer._quantize_input(linear.weight.detach())  # one scale per output channel, or one
+        q, scale = layer._quantize_plain(linear.weight.detach())  # one scale per output channel, or one
         layer.weight.data = q
         layer.weight_scale.data = scale.reshape(layer.weight_scale.shape)
         layer.bias.data = linear.bias.detach().to(out_dtype)
@@ -126,7 +157,7 @@ def quantize_fp8(model: nn.Module, num_layers: int, scaling: str = "rowwise", ke
 
 def fp8_reference(layer: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
     """The same computation dequantized in fp32 (what `_scaled_mm` must match up to fp32 rounding)."""
-    xq, x_scale = layer._quantize_input(x.reshape(-1, layer.in_features))
+    xq, x_scale = layer._quantize_plain(x.reshape(-1, layer.in_features))
     w = layer.weight.float() * layer.weight_scale.reshape(-1, 1)
     out = F.linear(xq.float() * x_scale, w, layer.bias.float())
     return out.to(layer.out_dtype).reshape(*x.shape[:-1], layer.out_features)

@@ -27,6 +27,24 @@ def test_fp8_linear_matches_its_dequantized_math(scaling):
     assert 1e-3 < error < 0.08  # E4M3 keeps 3 mantissa bits: a few percent per layer
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("scaling", ["rowwise", "tensor"])
+def test_fused_activation_quantization_equals_the_plain_one(scaling):
+    """The compiled quantizer the CUDA path uses computes the same FP8 values and scales (compiled
+    here for the CPU: the same graph, Inductor's C++ instead of Triton)."""
+    from runtime import fp8
+
+    plain = fp8._rows if scaling == "rowwise" else fp8._tensor
+    torch.manual_seed(0)
+    x = (torch.randn(300, 512) * torch.logspace(-2, 2, 300)[:, None]).to(torch.bfloat16)
+    q, scale = fp8.fused(plain)(x)
+    q_ref, scale_ref = plain(x)
+    assert scale.shape == scale_ref.shape and torch.equal(scale, scale_ref)
+    same = (q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean().item()
+    assert same > 0.999, same  # x / s vs x * (1 / s) may round a rare value to the neighbouring code
+    assert (q.float() - q_ref.float()).abs().max().item() <= 32  # at most one E4M3 step (32 at 448)
+
+
 def test_recipe_keeps_first_and_last_blocks():
     assert kept_blocks(40) == 3 and kept_blocks(30) == 3 and kept_blocks(4) == 1 and kept_blocks(2) == 0
     config = get_preset("tiny-t2v").replace(num_layers=8)

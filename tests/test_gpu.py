@@ -33,6 +33,18 @@ def test_fp8_linear_on_tensor_cores(scaling):
     assert relative_error(out, linear(x)) < 0.08
 
 
+@pytest.mark.skipif(not fp8_capable(), reason="needs FP8 tensor cores (compute capability >= 8.9)")
+def test_fp8_quantizer_is_compiled_on_cuda_and_equals_the_plain_one():
+    from runtime import fp8
+
+    x = torch.randn(4096, 5120, device="cuda").to(torch.bfloat16)
+    q, scale = fp8.quantize_rows(x)
+    assert fp8._rows in fp8._compiled  # the eager CUDA path went through the compiled quantizer
+    q_ref, scale_ref = fp8._rows(x)
+    assert torch.equal(scale, scale_ref)
+    assert (q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean().item() > 0.999
+
+
 def test_static_forward_has_no_host_sync(tmp_path):
     config = get_preset("tiny-ti2v")
     init_weights(config, tmp_path, seed=1)

@@ -37,6 +37,7 @@ from runtime.weights import Checkpoint, load_checkpoint, materialize
 from .aoti import compile_aoti
 from .export import PARITY_SEED, PARITY_TOLERANCE, compare, export_onnx, share_weights
 from .onnx_check import check_for_tensorrt
+from .calibration import Call, calls_for, fingerprint, load_calls
 from .nvfp4 import FP4_DATA, insert_nvfp4_qdq
 from .nvfp4 import emulate as emulate_nvfp4
 from .quantize import calibrate_fp8, calibrate_nvfp4, insert_fp8_qdq, node_scope
@@ -61,6 +62,7 @@ class PlannedEntry:
     backend: str
     id: str
     identity: dict[str, Any]
+    calibration: tuple[Call, ...] = ()  # recorded calls this entry calibrates on (fp8/nvfp4 tensorrt)
 
     def label(self) -> str:
         return f"{self.expert.name} {self.spec.label()} {self.precision} {self.backend}"
@@ -150,8 +152,17 @@ def _resolve_device(profile: Profile) -> torch.device:
 
 
 # -- planning -------------------------------------------------------------------------------------
-def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.device) -> list[PlannedEntry]:
+def calibrated(precision: str, backend: str) -> bool:
+    """Entries whose quantization scales are calibrated (the others quantize at run time or not at all)."""
+    return backend == "tensorrt" and Precision(precision).quantized
+
+
+def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.device,
+                 calls: list[Call] | None = None) -> list[PlannedEntry]:
+    """Every entry the profile asks for, with its id. With `calls` (the profile's calibration data),
+    calibrated entries get theirs, or a CalibrationError naming the entry stops the planning."""
     versions = tool_versions()
+    calls_digest = fingerprint(profile.calibration) if calls else None
     dev = device_info(device)
     config = {k: v for k, v in profile.config.to_diffusers().items() if not k.startswith("_")}
     out = []
@@ -171,7 +182,13 @@ def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.d
                         identity.update(tensorrt=versions["tensorrt"], gpu=dev["compute_capability"],
                                         options={k: str(v) for k, v in vars(profile.tensorrt).items()
                                                  if k not in ("timing_cache", "cuda_graphs")})
-                    out.append(PlannedEntry(expert, spec, shape, precision, backend, entry_id(identity), identity))
+                    mine: tuple[Call, ...] = ()
+                    if calls and calibrated(precision, backend):
+                        identity["calibration"] = calls_digest
+                        label = f"{expert.name} {spec.label()} {precision} {backend}"
+                        mine = tuple(calls_for(calls, expert.name, shape, label))
+                    out.append(PlannedEntry(expert, spec, shape, precision, backend, entry_id(identity), identity,
+                                            mine))
     return out
 
 
@@ -231,7 +248,13 @@ def build(profile: Profile, out: Path | None = None, *, allow_mismatch: bool = F
         if "fp16" in profile.precisions:
             echo("note: fp16 chosen; Wan's activations are known to overflow in FP16 (bf16 is the default and "
                  "keeps fp32's range)")
-        planned = plan_entries(profile, fingerprints, device)
+        calls = None
+        if profile.calibration is not None and any(calibrated(p, b) for p in profile.precisions
+                                                   for b in profile.backends):
+            echo(f"reading calibration calls from {profile.calibration}")
+            calls = load_calls(profile.calibration, profile.config, tuple(e.name for e in profile.experts),
+                               profile.boundary)
+        planned = plan_entries(profile, fingerprints, device, calls)
         loaded: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
 
         def tensors_for(entry: PlannedEntry) -> dict[str, torch.Tensor]:
@@ -376,6 +399,12 @@ def prepare_tensorrt_onnx(entry: PlannedEntry, model: StaticWanTransformer, inpu
         reference = model(*inputs)
     seeds = range(PARITY_SEED + 1, PARITY_SEED + 1 + FP8_CALIBRATION_BATCHES)
     calibration_inputs = (model.example_inputs(seed=s, dtype=model.dtype) for s in seeds)
+    if entry.calibration:  # the user's recorded calls instead
+        device = model.rope_cos.device
+        calibration_inputs = (tuple(t.to(device=device, dtype=model.dtype if t.is_floating_point() and i != 1
+                                         else t.dtype) for i, t in enumerate(call.inputs))
+                              for call in entry.calibration)
+        extra["calibration_calls"] = [call.file.name for call in entry.calibration]
     if entry.precision == Precision.FP8.value:
         calibration = calibrate_fp8(model, calibration_inputs, inputs)
         insert_fp8_qdq(path, calibration, model.dtype)

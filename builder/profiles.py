@@ -13,6 +13,8 @@
     device: auto                     # auto | cpu | cuda (where AOTInductor engines are compiled)
     onnx_opset: 23                   # default 23 (ONNX Attention + RMSNormalization); 20 decomposes them
     tensorrt: {...}                  # TensorRT options (see TensorRTOptions)
+    calibration: calib/              # optional: recorded calls for fp8/nvfp4 TensorRT calibration
+                                     # (runtime.capture.capture_calls); default: fixed-seed inputs
 
 Every error names the file, the line, the key and what is allowed. Paths are relative to the
 profile's folder. Sizes are video frames and pixels; each is checked against the model's rules
@@ -89,6 +91,7 @@ class Profile:
     device: str = "auto"
     onnx_opset: int = 23
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+    calibration: Path | None = None
 
     def static_shape(self, spec: ShapeSpec) -> StaticShape:
         return StaticShape.for_latent(self.config, spec.batch,
@@ -184,7 +187,7 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
     if root is None:
         raise ProfileError(f"{path}: the profile is empty")
     top = ctx.mapping(root, "(top level)", ("name", "model", "precision", "backends", "shapes", "text_tokens",
-                                             "device", "onnx_opset", "tensorrt"),
+                                             "device", "onnx_opset", "tensorrt", "calibration"),
                       required=("name", "model", "precision", "backends", "shapes"))
     name = ctx.scalar(top["name"][1], "name", str, lambda v: None if _NAME.match(v) else
                       "must be lowercase letters, digits, '.', '_' or '-' (it names the engine folder)")
@@ -200,6 +203,13 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
     device = ctx.choice(top["device"][1], "device", DEVICES) if "device" in top else "auto"
     opset = ctx.choice(top["onnx_opset"][1], "onnx_opset", OPSETS) if "onnx_opset" in top else 23
     tensorrt = _tensorrt(ctx, top["tensorrt"][1]) if "tensorrt" in top else TensorRTOptions()
+    calibration = None
+    if "calibration" in top:
+        calibration = ctx.path(top["calibration"][1], "calibration")
+        if not calibration.exists():
+            raise ctx.fail(top["calibration"][1], "calibration",
+                           f"{calibration} does not exist; give a folder of recorded calls "
+                           "(runtime.capture.capture_calls) or drop the key")
 
     shapes = []
     for i, node in enumerate(ctx.sequence(top["shapes"][1], "shapes")):
@@ -217,7 +227,7 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
             raise ctx.fail(node, key, str(e)) from None
         shapes.append(spec)
     return Profile(name, path, experts, boundary, preset, config, precisions, backends, tuple(shapes),
-                   text_tokens, device, opset, tensorrt)
+                   text_tokens, device, opset, tensorrt, calibration)
 
 
 def _list_or_one(ctx: _Ctx, node: yaml.Node, key: str, choices: tuple[str, ...]) -> tuple[str, ...]:

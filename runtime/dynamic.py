@@ -213,52 +213,59 @@ class WanTransformer(nn.Module):
                        encoder_hidden_states: torch.Tensor, encoder_hidden_states_image: torch.Tensor | None
                        ) -> tuple[StaticShape, tuple[torch.Tensor, ...]]:
         """Check a diffusers-style call and turn it into (static shape, the static model's inputs)."""
-        c = self.wan_config
-        dtype, device = self.dtype, self.device
-        x = _tensor("hidden_states", hidden_states, ndim=5, layout="[batch, channels, frames, height, width]")
-        b, channels, f, h, w = x.shape
-        if channels != c.in_channels:
-            raise InputError(f"hidden_states has {channels} channels; {c.name} takes {c.in_channels}"
-                             f"{_channel_hint(c)}")
-        try:
-            check_latent_size(c, LatentSize(f, h, w))
-        except GeometryError as e:
-            raise InputError(f"hidden_states latent size {f}x{h}x{w}: {e}") from None
-        tokens = LatentSize(f, h, w).tokens(c)
+        return static_call(self.wan_config, self.dtype, self.device, hidden_states, timestep,
+                           encoder_hidden_states, encoder_hidden_states_image)
 
-        ctx = _tensor("encoder_hidden_states", encoder_hidden_states, ndim=3, layout="[batch, text_tokens, text_dim]")
-        if ctx.shape[0] != b or ctx.shape[2] != c.text_dim:
-            raise InputError(f"encoder_hidden_states is {list(ctx.shape)}; {c.name} wants [{b}, tokens, {c.text_dim}] "
-                             f"(batch {b} as in hidden_states)")
-        t, per_token = _timestep(timestep, b, tokens)
-        inputs = [x.to(device=device, dtype=dtype), t.to(device=device, dtype=torch.float32),
-                  ctx.to(device=device, dtype=dtype)]
 
-        image_tokens = 0
-        if c.image_dim is None:
-            if encoder_hidden_states_image is not None:
-                raise InputError(f"{c.name} takes no encoder_hidden_states_image (only Wan2.1 I2V/FLF2V models do)")
-        else:
-            if encoder_hidden_states_image is None:
-                raise InputError(f"{c.name} needs encoder_hidden_states_image (CLIP image tokens, "
-                                 f"[batch, 257, {c.image_dim}])")
-            img = _tensor("encoder_hidden_states_image", encoder_hidden_states_image, ndim=3,
-                          layout="[batch, image_tokens, image_dim]")
-            if img.shape[2] != c.image_dim or (img.shape[0] * img.shape[1]) % b:
-                raise InputError(f"encoder_hidden_states_image is {list(img.shape)}; {c.name} wants "
-                                 f"[{b}, tokens, {c.image_dim}]")
-            # FLF2V pipelines pass first- and last-frame tokens as [2B, 257, d]; the model sees [B, 514, d].
-            img = img.reshape(b, -1, c.image_dim)
-            image_tokens = img.shape[1]
-            if c.image_pos_embed and image_tokens != c.image_tokens:
-                raise InputError(f"{c.name} needs {c.image_tokens} image tokens per sample (first and last "
-                                 f"frame), got {image_tokens}")
-            if ctx.shape[1] != 512:
-                raise InputError(f"{c.name} needs exactly 512 text tokens (image/text split at len - 512); "
-                                 f"got {ctx.shape[1]}: pad the prompt embedding with zero rows")
-            inputs.append(img.to(device=device, dtype=dtype))
-        shape = StaticShape(b, f, h, w, ctx.shape[1], image_tokens, per_token)
-        return shape, tuple(inputs)
+def static_call(c: WanConfig, dtype: torch.dtype, device: torch.device, hidden_states: torch.Tensor,
+                timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
+                encoder_hidden_states_image: torch.Tensor | None) -> tuple[StaticShape, tuple[torch.Tensor, ...]]:
+    """Check a diffusers-style call of a `c` model and turn it into (static shape, the static model's
+    inputs in `dtype` on `device`). Bad input raises InputError naming the argument and the rule."""
+    x = _tensor("hidden_states", hidden_states, ndim=5, layout="[batch, channels, frames, height, width]")
+    b, channels, f, h, w = x.shape
+    if channels != c.in_channels:
+        raise InputError(f"hidden_states has {channels} channels; {c.name} takes {c.in_channels}"
+                         f"{_channel_hint(c)}")
+    try:
+        check_latent_size(c, LatentSize(f, h, w))
+    except GeometryError as e:
+        raise InputError(f"hidden_states latent size {f}x{h}x{w}: {e}") from None
+    tokens = LatentSize(f, h, w).tokens(c)
+
+    ctx = _tensor("encoder_hidden_states", encoder_hidden_states, ndim=3, layout="[batch, text_tokens, text_dim]")
+    if ctx.shape[0] != b or ctx.shape[2] != c.text_dim:
+        raise InputError(f"encoder_hidden_states is {list(ctx.shape)}; {c.name} wants [{b}, tokens, {c.text_dim}] "
+                         f"(batch {b} as in hidden_states)")
+    t, per_token = _timestep(timestep, b, tokens)
+    inputs = [x.to(device=device, dtype=dtype), t.to(device=device, dtype=torch.float32),
+              ctx.to(device=device, dtype=dtype)]
+
+    image_tokens = 0
+    if c.image_dim is None:
+        if encoder_hidden_states_image is not None:
+            raise InputError(f"{c.name} takes no encoder_hidden_states_image (only Wan2.1 I2V/FLF2V models do)")
+    else:
+        if encoder_hidden_states_image is None:
+            raise InputError(f"{c.name} needs encoder_hidden_states_image (CLIP image tokens, "
+                             f"[batch, 257, {c.image_dim}])")
+        img = _tensor("encoder_hidden_states_image", encoder_hidden_states_image, ndim=3,
+                      layout="[batch, image_tokens, image_dim]")
+        if img.shape[2] != c.image_dim or (img.shape[0] * img.shape[1]) % b:
+            raise InputError(f"encoder_hidden_states_image is {list(img.shape)}; {c.name} wants "
+                             f"[{b}, tokens, {c.image_dim}]")
+        # FLF2V pipelines pass first- and last-frame tokens as [2B, 257, d]; the model sees [B, 514, d].
+        img = img.reshape(b, -1, c.image_dim)
+        image_tokens = img.shape[1]
+        if c.image_pos_embed and image_tokens != c.image_tokens:
+            raise InputError(f"{c.name} needs {c.image_tokens} image tokens per sample (first and last "
+                             f"frame), got {image_tokens}")
+        if ctx.shape[1] != 512:
+            raise InputError(f"{c.name} needs exactly 512 text tokens (image/text split at len - 512); "
+                             f"got {ctx.shape[1]}: pad the prompt embedding with zero rows")
+        inputs.append(img.to(device=device, dtype=dtype))
+    shape = StaticShape(b, f, h, w, ctx.shape[1], image_tokens, per_token)
+    return shape, tuple(inputs)
 
 
 def _tensor(name: str, value: Any, ndim: int, layout: str) -> torch.Tensor:

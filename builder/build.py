@@ -198,6 +198,9 @@ def unavailable(entry: PlannedEntry, device: torch.device) -> str | None:
     if missing:
         return missing
     precision = Precision(entry.precision)
+    if entry.backend == "onnxruntime" and precision.quantized:
+        return (f"{entry.precision} engines are built by the tensorrt backend"
+                + (" and aoti" if precision == Precision.FP8 else "") + "; onnxruntime builds fp32, fp16 and bf16")
     if entry.backend == "onnxruntime" and device.type == "cpu" and precision != Precision.FP32 \
             and precision != Precision.FP16:
         return f"ONNX Runtime's CPU provider has no {entry.precision} kernels; build it on a GPU machine"

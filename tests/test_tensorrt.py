@@ -426,3 +426,17 @@ def test_tensorrt_build_path_around_the_library(tmp_path, monkeypatch):
     assert set(entry["files"]) == {"engine.plan", "model.onnx", "model.onnx.data", "parity.json"}
     assert entry["parity"]["passed"] and entry["parity"]["relative"] < 1e-5
     assert seen["onnx"].name == "model.onnx" and seen["options"].optimization_level == 5
+
+
+def test_quantized_onnxruntime_entries_are_refused_everywhere():
+    """ONNX Runtime has no FP8/NVFP4 path here: such entries are skipped on any device, not built as
+    unquantized engines under a quantized label."""
+    from builder.build import PlannedEntry, unavailable
+    from builder.profiles import Expert, ShapeSpec
+
+    for precision, also in (("fp8", " and aoti"), ("nvfp4", "")):
+        entry = PlannedEntry(Expert("main", Path("w")), ShapeSpec(1, 5, 32, 48), StaticShape(1, 2, 4, 6, 512),
+                             precision, "onnxruntime", "x", {})
+        for device in ("cpu", "cuda"):
+            assert unavailable(entry, torch.device(device)) == (
+                f"{precision} engines are built by the tensorrt backend{also}; onnxruntime builds fp32, fp16 and bf16")

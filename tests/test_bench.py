@@ -30,3 +30,14 @@ def test_gpu_harness_runs_tiny_on_cpu(tmp_path):
     assert "linear part" in " ".join(results["micro"])
     assert "ratio_to_floor" in block["ours eager"] and results["matmul_tflops"] > 0
     assert r.stdout.splitlines()[-1].startswith("full results:")
+
+
+def test_quantization_error_harness_runs_tiny(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "quantization.py"), "--preset", "tiny-t2v", "--layers",
+                        "4", "--latent", "2,4,6", "--seeds", "2", "--json", str(tmp_path / "q.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert q["quantized_layers"] == 20 and q["tokens"] == 12
+    assert 1e-3 < q["nvfp4_model"] < 0.3 and 0.02 < q["nvfp4_weight_per_layer_mean"] < 0.2
+    assert isinstance(q["fp8_model"], float) or q["fp8_model"].startswith("not measured")

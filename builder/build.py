@@ -152,6 +152,15 @@ def _resolve_device(profile: Profile) -> torch.device:
 
 
 # -- planning -------------------------------------------------------------------------------------
+def _modelopt_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nvidia-modelopt")
+    except PackageNotFoundError:
+        return None
+
+
 def calibrated(precision: str, backend: str) -> bool:
     """Entries whose quantization scales are calibrated (the others quantize at run time or not at all)."""
     return backend == "tensorrt" and Precision(precision).quantized
@@ -160,9 +169,8 @@ def calibrated(precision: str, backend: str) -> bool:
 def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.device,
                  calls: list[Call] | None = None) -> list[PlannedEntry]:
     """Every entry the profile asks for, with its id. With `calls` (the profile's calibration data),
-    calibrated entries get theirs, or a CalibrationError naming the entry stops the planning."""
+    calibrated entries get those of their expert and shape (checked by `build` before building)."""
     versions = tool_versions()
-    calls_digest = fingerprint(profile.calibration) if calls else None
     dev = device_info(device)
     config = {k: v for k, v in profile.config.to_diffusers().items() if not k.startswith("_")}
     out = []
@@ -183,10 +191,11 @@ def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.d
                                         options={k: str(v) for k, v in vars(profile.tensorrt).items()
                                                  if k not in ("timing_cache", "cuda_graphs")})
                     mine: tuple[Call, ...] = ()
-                    if calls and calibrated(precision, backend):
-                        identity["calibration"] = calls_digest
-                        label = f"{expert.name} {spec.label()} {precision} {backend}"
-                        mine = tuple(calls_for(calls, expert.name, shape, label))
+                    if calibrated(precision, backend):
+                        identity["modelopt"] = _modelopt_version()
+                        if calls:
+                            mine = tuple(c for c in calls if c.expert == expert.name and c.shape == shape)
+                            identity["calibration"] = fingerprint([c.file for c in mine])
                     out.append(PlannedEntry(expert, spec, shape, precision, backend, entry_id(identity), identity,
                                             mine))
     return out
@@ -258,6 +267,10 @@ def build(profile: Profile, out: Path | None = None, *, allow_mismatch: bool = F
             calls = load_calls(profile.calibration, profile.config, tuple(e.name for e in profile.experts),
                                profile.boundary)
         planned = plan_entries(profile, fingerprints, device, calls)
+        for entry in planned:  # before building anything: every calibrated entry this machine builds has calls
+            if calls is not None and calibrated(entry.precision, entry.backend) and not entry.calibration \
+                    and unavailable(entry, device) is None:
+                calls_for(calls, entry.expert.name, entry.shape, entry.label())
         loaded: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
 
         def tensors_for(entry: PlannedEntry) -> dict[str, torch.Tensor]:

@@ -44,10 +44,11 @@ def calibration_files(path: Path) -> list[Path]:
     return files
 
 
-def fingerprint(path: Path) -> str:
-    """sha256 over the calibration files' names and bytes: part of a calibrated entry's identity."""
+def fingerprint(files: list[Path]) -> str:
+    """sha256 over calibration files' names and bytes: part of a calibrated entry's identity (only
+    the calls the entry uses, so recording calls at another size rebuilds nothing)."""
     digest = hashlib.sha256()
-    for f in calibration_files(path):
+    for f in sorted(files):
         digest.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):

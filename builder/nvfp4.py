@@ -114,12 +114,12 @@ class _FakeQuantLinear(nn.Module):
         super().__init__()
         self.linear = linear
         self.input_scale = global_scale(input_amax)
-        weight = linear.weight.detach()
-        self.weight = fake_quantize(weight, global_scale(weight.abs().amax()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(fake_quantize(x, self.input_scale.to(x.device)), self.weight,
-                                    self.linear.bias)
+        # the weight is fake-quantized per call, so emulating a 14B model holds no second copy of it
+        weight = self.linear.weight.detach()
+        weight = fake_quantize(weight, global_scale(weight.abs().amax()).to(weight.device))
+        return nn.functional.linear(fake_quantize(x, self.input_scale.to(x.device)), weight, self.linear.bias)
 
 
 class emulate:
@@ -131,12 +131,16 @@ class emulate:
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
 
     def __enter__(self) -> nn.Module:
-        for name, amax in self.input_amax.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name)
-            linear = getattr(parent, child)
-            setattr(parent, child, _FakeQuantLinear(linear, amax))
-            self._swapped.append((parent, child, linear))
+        try:
+            for name, amax in self.input_amax.items():
+                parent_name, _, child = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name)
+                linear = getattr(parent, child)
+                setattr(parent, child, _FakeQuantLinear(linear, amax))
+                self._swapped.append((parent, child, linear))
+        except BaseException:
+            self.__exit__()
+            raise
         return self.model
 
     def __exit__(self, *exc) -> None:
@@ -167,7 +171,19 @@ def insert_nvfp4_qdq(onnx_path: Path, input_amax: Mapping[str, float], weights: 
                      dtype: torch.dtype, scope_of: Callable, module_name: Callable[[str], str]) -> int:
     """Rewrite each listed layer's MatMul of `onnx_path` to NVFP4 (module docstring); returns the
     layers rewritten. `weights[name]` is the layer's [out, in] weight; the 16-bit copy the graph held
-    is dropped from the graph (its bytes stay in the shared 16-bit data file, which other entries use)."""
+    is dropped from the graph (its bytes stay in the shared 16-bit data file, which other entries use).
+    On any error the graph is untouched and no FP4 data file is left."""
+    data_path = onnx_path.with_name(FP4_DATA)
+    data_path.unlink(missing_ok=True)  # a new file: never write through a hard link into the shared store
+    try:
+        return _insert(onnx_path, data_path, input_amax, weights, dtype, scope_of, module_name)
+    except BaseException:
+        data_path.unlink(missing_ok=True)
+        raise
+
+
+def _insert(onnx_path: Path, data_path: Path, input_amax: Mapping[str, float], weights: Mapping[str, torch.Tensor],
+            dtype: torch.dtype, scope_of: Callable, module_name: Callable[[str], str]) -> int:
     import onnx
     from onnx import helper, numpy_helper
 
@@ -181,7 +197,6 @@ def insert_nvfp4_qdq(onnx_path: Path, input_amax: Mapping[str, float], weights: 
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
     onnx_dtype = _ONNX_DTYPES[dtype]
-    data_path = onnx_path.with_name(FP4_DATA)
     new_nodes, done, dropped = [], set(), set()
 
     with open(data_path, "wb") as data:
@@ -197,17 +212,20 @@ def insert_nvfp4_qdq(onnx_path: Path, input_amax: Mapping[str, float], weights: 
 
         def scalar(name: str, value: float) -> str:
             graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
-            if onnx_dtype == _FLOAT:
-                return name
-            new_nodes.append(helper.make_node("Cast", [name], [f"{name}.cast"], to=onnx_dtype, name=f"{name}.Cast"))
-            return f"{name}.cast"
+            return name
 
         def double_dq(tag: str, values: str, scales: str, scale: str) -> str:
+            """FP32 scales throughout, the dequantized values cast to the graph's dtype after (the
+            layout Model Optimizer's exporter writes; the emulation rounds the same way)."""
             new_nodes.append(helper.make_node("DequantizeLinear", [scales, scale], [f"{tag}.block_scale"],
                                               name=f"{tag}.DequantizeScale"))
             new_nodes.append(helper.make_node("DequantizeLinear", [values, f"{tag}.block_scale"], [f"{tag}.dq"],
                                               name=f"{tag}.DequantizeLinear", axis=-1, block_size=BLOCK))
-            return f"{tag}.dq"
+            if onnx_dtype == _FLOAT:
+                return f"{tag}.dq"
+            new_nodes.append(helper.make_node("Cast", [f"{tag}.dq"], [f"{tag}.dq.cast"], to=onnx_dtype,
+                                              name=f"{tag}.Cast"))
+            return f"{tag}.dq.cast"
 
         for node in graph.node:
             name = module_name(scope_of(node) or "")
@@ -221,7 +239,7 @@ def insert_nvfp4_qdq(onnx_path: Path, input_amax: Mapping[str, float], weights: 
                 # activation: dynamic FP4 at run time, the calibrated per-tensor scale
                 tag = f"{name}.input"
                 x_scale = scalar(f"{tag}.global_scale", float(global_scale(input_amax[name])))
-                new_nodes.append(helper.make_node(DYNAMIC_QUANTIZE, [node.input[0], f"{tag}.global_scale"],
+                new_nodes.append(helper.make_node(DYNAMIC_QUANTIZE, [node.input[0], x_scale],
                                                   [f"{tag}.fp4", f"{tag}.fp8_scale"], name=f"{tag}.{DYNAMIC_QUANTIZE}",
                                                   domain=TRT_DOMAIN, axis=-1, block_size=BLOCK,
                                                   scale_type=_FLOAT8E4M3FN))
@@ -243,7 +261,6 @@ def insert_nvfp4_qdq(onnx_path: Path, input_amax: Mapping[str, float], weights: 
             new_nodes.append(node)
     missing = sorted(set(input_amax) - done)
     if missing:
-        data_path.unlink()
         raise Nvfp4Error(f"{onnx_path}: no MatMul found for {', '.join(missing[:4])}; the export's name "
                          "scopes do not match the model's layer names")
     kept = [init for init in graph.initializer if init.name not in dropped]

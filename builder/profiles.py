@@ -211,6 +211,10 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
                            f"{calibration} does not exist; give a folder of recorded calls "
                            "(runtime.capture.capture_calls) or drop the key")
 
+    if "nvfp4" in precisions and "tensorrt" in backends and opset < 23:
+        raise ctx.fail(top["onnx_opset"][1], "onnx_opset", f"nvfp4 TensorRT engines need onnx_opset 23 (FP4 "
+                       f"DequantizeLinear); got {opset}. Use 23, or build nvfp4 in a profile of its own")
+
     shapes = []
     for i, node in enumerate(ctx.sequence(top["shapes"][1], "shapes")):
         key = f"shapes[{i}]"

@@ -59,7 +59,8 @@ def _modelopt():
     try:
         import modelopt.torch.quantization as mtq
     except ImportError as e:
-        raise QuantizeError(f"FP8 calibration needs NVIDIA Model Optimizer: pip install nvidia-modelopt ({e})") from None
+        raise QuantizeError(f"FP8 and NVFP4 calibration need NVIDIA Model Optimizer: pip install nvidia-modelopt "
+                            f"({e})") from None
     return mtq
 
 

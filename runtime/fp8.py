@@ -13,11 +13,15 @@ the FFN); norms, modulation, attention itself and residuals are untouched.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import WanBuildError
+
+log = logging.getLogger("wan_build.runtime")
 
 E4M3_MAX = 448.0
 SCALINGS = ("rowwise", "tensor")
@@ -60,20 +64,37 @@ def _tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Compiled (Inductor), it is one kernel per row block for rowwise scaling (read 16-bit, write
 # 8-bit) and two for per-tensor scaling. On CUDA the eager path uses the compiled version; inside
 # torch.compile / export the plain code is traced, and the surrounding compile fuses it itself.
+# The row count is compiled as dynamic (it changes with the resolution; the feature size, which
+# the kernel's reduction is specialised for, does not), so a few compiles cover every shape. If
+# compiling fails (no Triton, no compiler, a recompile limit), the plain code runs instead.
 FUSE_ON_CUDA = True
 _compiled: dict = {}
+_failed: set = set()
 
 
 def fused(fn):
-    """`fn` compiled for static shapes, compiled once per process (then once per new shape)."""
+    """`fn` compiled once per process (then once per new feature size)."""
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
     return _compiled[fn]
 
 
+def fused_call(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if fn in _failed:
+        return fn(x)
+    torch._dynamo.maybe_mark_dynamic(x, 0)
+    try:
+        return fused(fn)(x)
+    except Exception as e:  # noqa: BLE001 - a compile problem must not stop inference
+        _failed.add(fn)
+        log.warning("FP8 activation quantization runs uncompiled (slower): compiling it failed with %s: %s",
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return fn(x)
+
+
 def _dispatch(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.is_cuda and FUSE_ON_CUDA and not torch.compiler.is_compiling():
-        return fused(fn)(x)
+        return fused_call(fn, x)
     return fn(x)
 
 

@@ -137,3 +137,28 @@ def test_calibrated_fp8_entry_through_the_build(tmp_path, monkeypatch):
     assert not (tmp_path / "out3" / "manifest.json").exists() or \
         not json.loads((tmp_path / "out3" / "manifest.json").read_text())["entries"]
     shutil.rmtree(tmp_path / "calib")
+
+
+def test_an_entry_id_depends_only_on_its_own_calls(tmp_path):
+    from builder.build import plan_entries
+    from builder.init_weights import init_weights
+    from runtime import WanTransformer
+
+    config = get_preset("tiny-t2v")
+    init_weights(config, tmp_path / "w", seed=2)
+    front = WanTransformer.from_pretrained(tmp_path / "w")
+    _record(front, tmp_path / "calib", config, [(2, 4, 6)], [500.0])
+    (tmp_path / "p.yaml").write_text("name: t\nmodel: {weights: w}\nprecision: [bf16, fp8]\nbackends: [tensorrt]\n"
+                                     "shapes:\n  - {frames: 5, height: 32, width: 48}\ncalibration: calib\n")
+    profile = load_profile(tmp_path / "p.yaml")
+
+    def ids():
+        calls = load_calls(tmp_path / "calib", config, ("main",), None)
+        return [e.id for e in plan_entries(profile, {"main": "w"}, torch.device("cpu"), calls)]
+
+    before = ids()
+    _record(front, tmp_path / "calib", config, [(3, 8, 12)], [400.0])  # another size: not this entry's
+    assert ids() == before
+    _record(front, tmp_path / "calib", config, [(2, 4, 6)], [300.0])  # one more of this size
+    after = ids()
+    assert after[0] == before[0] and after[1] != before[1]  # bf16 unchanged, fp8 recalibrates

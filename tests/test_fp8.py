@@ -45,6 +45,21 @@ def test_fused_activation_quantization_equals_the_plain_one(scaling):
     assert (q.float() - q_ref.float()).abs().max().item() <= 32  # at most one E4M3 step (32 at 448)
 
 
+@pytest.mark.slow
+def test_fused_quantizer_serves_many_shapes_without_hitting_the_recompile_limit():
+    """Every resolution brings new row counts; the compiled quantizer must keep answering (torch
+    stops a fullgraph function after 8 recompiles) and equal the plain one."""
+    from runtime import fp8
+
+    fp8._compiled.clear()
+    for rows in (512, 700, 1000, 1300, 2048, 2500, 3000, 3333, 4000, 4500, 5000):
+        for features in (64, 96):
+            x = torch.randn(rows, features).to(torch.bfloat16)
+            q, scale = fp8.fused_call(fp8._rows, x)
+            assert torch.equal(scale, fp8._rows(x)[1])
+    assert fp8._rows not in fp8._failed
+
+
 def test_recipe_keeps_first_and_last_blocks():
     assert kept_blocks(40) == 3 and kept_blocks(30) == 3 and kept_blocks(4) == 1 and kept_blocks(2) == 0
     config = get_preset("tiny-t2v").replace(num_layers=8)

@@ -64,17 +64,24 @@ def _modelopt():
     return mtq
 
 
+def _wan_recipe(base: dict, num_layers: int) -> dict:
+    """Model Optimizer config `base` with Wan's recipe: patch embedding, condition embedder, output
+    projection and the first and last blocks left unquantized."""
+    keep = kept_blocks(num_layers)
+    cfg = copy.deepcopy(base)
+    kept = ["*patch_embedding*", "*condition_embedder*", "*proj_out*"]
+    kept += [f"blocks.{i}.*" for i in range(num_layers) if i < keep or i >= num_layers - keep]
+    cfg["quant_cfg"] += [{"quantizer_name": pattern, "enable": False} for pattern in kept]
+    return cfg
+
+
 def calibrate_fp8(model: StaticWanTransformer, batches: Iterable[tuple[torch.Tensor, ...]],
                   held_out: tuple[torch.Tensor, ...]) -> Calibration:
     """Calibrate `model` in place with Model Optimizer; returns the per-layer amax and the error."""
     mtq = _modelopt()
     config = model.config
     names = set(fp8_layer_names(model, config.num_layers))
-    keep = kept_blocks(config.num_layers)
-    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
-    kept = ["*patch_embedding*", "*condition_embedder*", "*proj_out*"]
-    kept += [f"blocks.{i}.*" for i in range(config.num_layers) if i < keep or i >= config.num_layers - keep]
-    cfg["quant_cfg"] += [{"quantizer_name": pattern, "enable": False} for pattern in kept]
+    cfg = _wan_recipe(mtq.FP8_DEFAULT_CFG, config.num_layers)
     batches = list(batches)
     with torch.no_grad():
         reference = model(*held_out)
@@ -179,11 +186,7 @@ def calibrate_nvfp4(model: StaticWanTransformer, batches: Iterable[tuple[torch.T
     mtq = _modelopt()
     config = model.config
     names = fp8_layer_names(model, config.num_layers)
-    keep = kept_blocks(config.num_layers)
-    cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
-    kept = ["*patch_embedding*", "*condition_embedder*", "*proj_out*"]
-    kept += [f"blocks.{i}.*" for i in range(config.num_layers) if i < keep or i >= config.num_layers - keep]
-    cfg["quant_cfg"] += [{"quantizer_name": pattern, "enable": False} for pattern in kept]
+    cfg = _wan_recipe(mtq.NVFP4_DEFAULT_CFG, config.num_layers)
     batches = list(batches)
     shadow = StaticWanTransformer.from_parameters(config, model.shape, dict(model.named_parameters())).eval()
     shadow.to(model.rope_cos.device)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from builder.calibration import CalibrationError, calls_for, load_calls
-from builder.profiles import ProfileError, load_profile
+from builder.profiles import load_profile
 from runtime import StaticShape, get_preset
 from runtime.capture import capture_calls
 
@@ -63,16 +63,6 @@ def test_bad_calibration_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CalibrationError, match="no .safetensors calibration calls there"):
         load_calls(tmp_path / "empty", config, ("main",), None)
-
-
-def test_profile_names_a_missing_calibration_folder(tmp_path):
-    from builder.init_weights import init_weights
-
-    init_weights(get_preset("tiny-t2v"), tmp_path / "w", seed=1)
-    (tmp_path / "p.yaml").write_text("name: t\nmodel: {weights: w}\nprecision: fp8\nbackends: [tensorrt]\n"
-                                     "shapes:\n  - {frames: 5, height: 32, width: 48}\ncalibration: nowhere\n")
-    with pytest.raises(ProfileError, match=r"p.yaml:7: calibration: .*nowhere does not exist"):
-        load_profile(tmp_path / "p.yaml")
 
 
 def test_calibrated_fp8_entry_through_the_build(tmp_path, monkeypatch):

@@ -242,14 +242,3 @@ def test_nvfp4_entries_through_the_build(tmp_path, monkeypatch):
     folders = [tmp_path / "out" / e["id"] for e in entries]
     inodes = {(f / FP4_DATA).stat().st_ino for f in folders}
     assert len(inodes) == 1  # one FP4 weights file, hard-linked into both entries
-
-
-def test_nvfp4_with_an_old_opset_is_a_profile_error(tmp_path):
-    from builder.init_weights import init_weights
-    from builder.profiles import ProfileError, load_profile
-
-    init_weights(get_preset("tiny-t2v"), tmp_path / "w", seed=1)
-    (tmp_path / "p.yaml").write_text("name: t\nmodel: {weights: w}\nprecision: [bf16, nvfp4]\nbackends: [tensorrt]\n"
-                                     "shapes:\n  - {frames: 5, height: 32, width: 48}\nonnx_opset: 20\n")
-    with pytest.raises(ProfileError, match=r"p.yaml:7: onnx_opset: nvfp4 TensorRT engines need onnx_opset 23"):
-        load_profile(tmp_path / "p.yaml")

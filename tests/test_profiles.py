@@ -108,6 +108,10 @@ BAD = [
      r"model: give exactly one of weights"),
     (VALID.replace("shapes:\n", "shapes:\n  - {batch: 1, frames: 9, height: 64, width: 96}\n"),
      r"shapes\[1\]: repeats shape 9x64x96 b1"),
+    (VALID + "calibration: nowhere\n", r"p.yaml:17: calibration: .*nowhere does not exist; give a folder of "
+                                       r"recorded calls"),
+    (VALID.replace("precision: [fp32, fp16]", "precision: [bf16, nvfp4]").replace("[onnxruntime, aoti]", "[tensorrt]"),
+     r"p.yaml:15: onnx_opset: nvfp4 TensorRT engines need onnx_opset 23 \(FP4 DequantizeLinear\); got 20"),
 ]
 
 

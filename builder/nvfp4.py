@@ -243,6 +243,9 @@ def _insert(onnx_path: Path, data_path: Path, input_amax: Mapping[str, float], w
                                                   [f"{tag}.fp4", f"{tag}.fp8_scale"], name=f"{tag}.{DYNAMIC_QUANTIZE}",
                                                   domain=TRT_DOMAIN, axis=-1, block_size=BLOCK,
                                                   scale_type=_FLOAT8E4M3FN))
+                # the custom op's output types, so ONNX type inference can check the rest of the graph
+                graph.value_info.extend([helper.make_tensor_value_info(f"{tag}.fp4", _FLOAT4E2M1, None),
+                                         helper.make_tensor_value_info(f"{tag}.fp8_scale", _FLOAT8E4M3FN, None)])
                 x = double_dq(tag, f"{tag}.fp4", f"{tag}.fp8_scale", x_scale)
                 # weight: FP4 values and FP8 block scales stored, [out, in], then transposed
                 tag = f"{name}.weight"

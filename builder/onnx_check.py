@@ -8,6 +8,9 @@
   before the first MatMul (what torch's exporter writes), which TensorRT's fused-attention pass
   recognises;
 - as many attention ops as the model has attention calls (self + cross, + image cross for I2V);
+- types that line up: ONNX type inference over the whole graph (the exporter's own type notes
+  dropped, so a Q/DQ rewrite that leaves an fp32 value where bf16 is needed is caught; a strongly
+  typed TensorRT network would refuse it);
 - no operator outside the standard domain except TensorRT's own `trt::TRT_FP4DynamicQuantize`
   (NVFP4 activations), which must use 16-value blocks on the last axis with FP8 scales, and every
   FP4 DequantizeLinear the same blocks (what TensorRT's FP4 GEMMs take).
@@ -113,7 +116,23 @@ def check_for_tensorrt(path: Path, config: WanConfig) -> dict[str, int]:
             problems.append(f"{counts['attention']} Attention nodes, the model has {want} attention calls")
     elif counts["softmax"] != want:
         problems.append(f"{counts['softmax']} Softmax nodes, the model has {want} attention calls")
+    problems += _type_problems(model)
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else "")
         raise GraphCheckError(f"{path} is not ready for TensorRT: {shown}")
     return counts
+
+
+def _type_problems(model) -> list[str]:
+    import onnx
+
+    check = onnx.ModelProto()
+    check.CopyFrom(model)
+    own = [v for v in check.graph.value_info if v.type.tensor_type.elem_type in (_FLOAT4E2M1, _FLOAT8E4M3FN)]
+    del check.graph.value_info[:]
+    check.graph.value_info.extend(own)  # kept: the custom ops' output types, which inference cannot know
+    try:
+        onnx.shape_inference.infer_shapes(check, check_type=True, strict_mode=True)
+    except Exception as e:  # noqa: BLE001 - onnx raises several error types here
+        return [f"types do not line up: {str(e).strip().splitlines()[0][:300]}"]
+    return []

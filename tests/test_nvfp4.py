@@ -242,3 +242,25 @@ def test_nvfp4_entries_through_the_build(tmp_path, monkeypatch):
     folders = [tmp_path / "out" / e["id"] for e in entries]
     inodes = {(f / FP4_DATA).stat().st_ino for f in folders}
     assert len(inodes) == 1  # one FP4 weights file, hard-linked into both entries
+
+
+def test_graph_check_catches_a_dtype_left_behind(tmp_path):
+    """bf16 graph: if a dequantized fp32 value reached a bf16 MatMul without its Cast, a strongly
+    typed TensorRT network would refuse it; the graph check's type inference names it first."""
+    import onnx
+
+    config = get_preset("tiny-t2v").replace(num_layers=4)
+    model = StaticWanTransformer(config, StaticShape(1, 2, 4, 6, 64)).eval().to(torch.bfloat16)
+    tensors = {k: v.detach() for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}
+    path = export_onnx(config, model.shape, tensors, torch.bfloat16, tmp_path, 23)
+    names = fp8_layer_names(model, config.num_layers)
+    insert_nvfp4_qdq(path, dict.fromkeys(names, 3.0), {n: model.get_submodule(n).weight for n in names},
+                     torch.bfloat16, node_scope, lambda s: s.removeprefix("model."))
+    assert check_for_tensorrt(path, config)["fp4"] == 20
+    graph = onnx.load(str(path), load_external_data=False)
+    cast = next(n for n in graph.graph.node if n.name == "blocks.1.ffn.net.2.input.Cast")
+    for node in graph.graph.node:
+        node.input[:] = [cast.input[0] if i == cast.output[0] else i for i in node.input]
+    onnx.save(graph, str(tmp_path / "bad.onnx"))
+    with pytest.raises(GraphCheckError, match="types do not line up: .*inconsistent type"):
+        check_for_tensorrt(tmp_path / "bad.onnx", config)

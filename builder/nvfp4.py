@@ -16,7 +16,10 @@ The ONNX form, per quantized linear layer (MatMul(x, W^T), W stored [out, in]):
     weight:     W' = DequantizeLinear(W_fp4 [out, in], DequantizeLinear(W_scale_fp8, global_w),
                                       axis=-1, block_size=16);  Transpose(W') -> MatMul
 
-`TRT_FP4DynamicQuantize` is TensorRT's own ONNX operator (domain `trt`); the two-level
+`TRT_FP4DynamicQuantize` is TensorRT's own ONNX operator (domain `trt`, imported as its
+DynamicQuantize layer: fp32/fp16/bf16 input of rank 2 or 3, which every quantized Wan linear input
+is, blocks of 16 on the last axis, FP4 output, FP8 scales, an fp32 build-time-constant scale;
+TensorRT operator documentation, "DynamicQuantize"); the two-level
 DequantizeLinear is standard ONNX (opset 23: FLOAT4E2M1 with blocked scales). This is the layout
 Model Optimizer's NVFP4 exporter writes. The FP4 weights go to a second external-data file next to
 the graph, `model.nvfp4.data`, shared between the shapes of one expert like the 16-bit weights.

@@ -405,9 +405,10 @@ def _aoti(entry, model, inputs, profile, folder, device, extra):
 
 def prepare_tensorrt_onnx(entry: PlannedEntry, model: StaticWanTransformer, inputs: tuple[torch.Tensor, ...],
                           profile: Profile, folder: Path, extra: dict[str, Any]) -> tuple[Path, torch.Tensor]:
-    """Everything before TensorRT (runs without it): export in the entry's dtype, FP8 calibration
-    with Model Optimizer and Q/DQ insertion, weights shared, the graph checked. Returns the ONNX and
-    the eager reference of exactly what the engine computes (fake-quantized for FP8)."""
+    """Everything before TensorRT (runs without it): export in the entry's dtype; for fp8 and nvfp4,
+    calibration with Model Optimizer (on the entry's recorded calls, or fixed-seed inputs) and Q/DQ
+    insertion; weights shared; the graph checked. Returns the ONNX and the eager reference of
+    exactly what the engine computes (fake-quantized for FP8, emulated for NVFP4)."""
     config = profile.config
     constants = {k: v.detach() for k, v in _constants(model).items()}
     path = export_onnx(config, entry.shape, constants, model.dtype, folder, profile.onnx_opset)

@@ -123,7 +123,7 @@ def run_wizard(answers: Answers, ask: Ask, echo: Callable[[str], None]) -> Path:
     name = answers.name or ask("Profile name", re.sub(r"[^a-z0-9.-]+", "-", f"{case.preset}-{'-'.join(picked)}"))
     out = answers.out or Path(ask("Write the profile to", f"profiles/{name}.yaml"))
 
-    text = profile_yaml(name, case, config, weights, precision, backend_list, shapes, batch, fit, card)
+    text = profile_yaml(name, case, config, weights, precision, backend_list, shapes, batch, fit, card, mode)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -139,7 +139,8 @@ def run_wizard(answers: Answers, ask: Ask, echo: Callable[[str], None]) -> Path:
 
 
 def profile_yaml(name: str, case: UseCase, config, weights: str, precision: str, backends: list[str],
-                 shapes: list[tuple[int, int, int]], batch: int, fit, card: Gpu) -> str:
+                 shapes: list[tuple[int, int, int]], batch: int, fit, card: Gpu, mode: str) -> str:
+    """The profile's YAML; `mode` is how the chosen precision fits (it sets weight_streaming)."""
     lines = [f"# {case.name} on {card.name}: {fit.describe()} (wan-build wizard)", f"name: {name}", "model:"]
     if config.experts > 1:
         lines += ["  experts:", f"    high_noise: {weights}/transformer", f"    low_noise: {weights}/transformer_2",
@@ -149,5 +150,5 @@ def profile_yaml(name: str, case: UseCase, config, weights: str, precision: str,
     lines += [f"  preset: {config.name}", f"precision: {precision}", f"backends: [{', '.join(backends)}]", "shapes:"]
     lines += [f"  - {{batch: {batch}, frames: {f}, height: {h}, width: {w}}}" for f, h, w in shapes]
     if "tensorrt" in backends:
-        lines += ["tensorrt:", "  strip_weights: true", f"  weight_streaming: {'true' if fit.mode == 'streaming' else 'false'}"]
+        lines += ["tensorrt:", "  strip_weights: true", f"  weight_streaming: {'true' if mode == 'streaming' else 'false'}"]
     return "\n".join(lines) + "\n"

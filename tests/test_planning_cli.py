@@ -82,6 +82,10 @@ def test_wizard_non_interactive_and_refusals(tmp_path):
     assert r.returncode == 1 and "use case '9' is not one of" in r.stderr
     r = cli("wizard", "--use-case", "1", "--gpu", "a100", "--precision", "fp8", "--yes", "--out", str(tmp_path / "x.yaml"))
     assert r.returncode == 1 and "precision 'fp8' is not available on A100 80GB" in r.stderr
+    # bf16 fits a 24 GB card only by streaming weights: the profile must say so, not the best fit's mode
+    r = cli("wizard", "--use-case", "1", "--gpu", "rtx4090", "--precision", "bf16", "--yes", "--out", str(tmp_path / "s.yaml"))
+    assert r.returncode == 0 and "memory at bf16 (fits with weight streaming)" in r.stdout, r.stdout
+    assert yaml.safe_load((tmp_path / "s.yaml").read_text())["tensorrt"]["weight_streaming"] is True
 
 
 @pytest.mark.parametrize("command", ["gpus", "matrix", "wizard"])

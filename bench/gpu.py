@@ -261,12 +261,14 @@ def block_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, i
                 print(f"  {name} diffusers: not importable ({e})")
         if "cudagraph" not in skip and b.device.type == "cuda":
             record("ours CUDA graph", cuda_graph(eager))
-        if "compile" not in skip and b.left() > 120:
-            compiled = torch.compile(block, fullgraph=True)
+        def record_compiled(variant: str, module: torch.nn.Module) -> None:
+            compiled = torch.compile(module, fullgraph=True)
             t0 = time.perf_counter()
             compiled(x, contexts, temb, cos, sin)
-            record("ours torch.compile", lambda: compiled(x, contexts, temb, cos, sin),
-                   f"(compile {time.perf_counter() - t0:.0f} s)")
+            record(variant, lambda: compiled(x, contexts, temb, cos, sin), f"(compile {time.perf_counter() - t0:.0f} s)")
+
+        if "compile" not in skip and b.left() > 120:
+            record_compiled("ours torch.compile", block)
         if "aoti" not in skip and b.left() > 150 and aoti_loads(b):
             t0 = time.perf_counter()
             try:
@@ -284,11 +286,7 @@ def block_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, i
             fp8t = fp8_block(config, b.device, "tensor")
             record("ours FP8 linear (per-tensor)", lambda: fp8t(x, contexts, temb, cos, sin))
             if "compile" not in skip and b.left() > 120:
-                cfp8 = torch.compile(fp8, fullgraph=True)
-                t0 = time.perf_counter()
-                cfp8(x, contexts, temb, cos, sin)
-                record("ours FP8 + torch.compile", lambda: cfp8(x, contexts, temb, cos, sin),
-                       f"(compile {time.perf_counter() - t0:.0f} s)")
+                record_compiled("ours FP8 + torch.compile", fp8)
             if "micro" not in skip:
                 linear_part(b, name, block, fp8, shape.tokens(config), config, compile_too="compile" not in skip)
         if "micro" not in skip:

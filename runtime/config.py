@@ -147,7 +147,7 @@ class WanConfig:
             image_dim=image_dim,
             image_tokens=0 if image_dim is None else int(pos_len or CLIP_TOKENS),
             image_pos_embed=pos_len is not None,
-            **_vae_fields(out_channels),
+            **vae_fields(out_channels),
         )
 
     @classmethod
@@ -187,7 +187,7 @@ class WanConfig:
             image_dim=image_dim,
             image_tokens=0 if image_dim is None else (2 * CLIP_TOKENS if flf2v else CLIP_TOKENS),
             image_pos_embed=flf2v and image_dim is not None,
-            **_vae_fields(out_channels),
+            **vae_fields(out_channels),
         )
 
     def same_structure(self, other: "WanConfig") -> bool:
@@ -198,7 +198,7 @@ class WanConfig:
         )
 
 
-def _vae_fields(out_channels: int) -> dict[str, Any]:
+def vae_fields(out_channels: int) -> dict[str, Any]:
     # The Wan2.2 VAE (48 latent channels) is used only by TI2V-5B, whose pipeline passes
     # per-token timesteps; every other model works on Wan2.1 VAE latents.
     if out_channels == 48:

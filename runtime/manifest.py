@@ -208,6 +208,20 @@ def check_files(entry: Entry, folder: Path, full: bool = False) -> str | None:
     return None
 
 
+def compatibility_problem(built_with: str | None, built_for: str | None, portable: bool, trt_version: str,
+                          device: torch.device, capability: tuple[int, int] | None) -> str | None:
+    """Why this TensorRT and GPU cannot run a plan built with TensorRT `built_with` for compute
+    capability `built_for` (checked before deserializing), or None."""
+    if built_with != trt_version:
+        return f"built with TensorRT {built_with}, this machine has {trt_version} (plans need the exact version)"
+    if device.type != "cuda" or capability is None:
+        return f"TensorRT plans run on CUDA devices, the model is on {device.type}"
+    here = f"{capability[0]}.{capability[1]}"
+    if built_for != here and not portable:
+        return f"built for compute capability {built_for}, this GPU is {here}"
+    return None
+
+
 def check_entry(entry: Entry, folder: Path, *, fingerprint: str, device: torch.device,
                 versions: Mapping[str, Any] | None = None, full: bool = False) -> str | None:
     """Why this machine and these weights cannot use `entry`, or None when it can."""
@@ -221,10 +235,12 @@ def check_entry(entry: Entry, folder: Path, *, fingerprint: str, device: torch.d
     if entry.backend == "aoti" and entry.device.get("type") != torch.device(device).type:
         return f"compiled for {entry.device.get('type')}, the model runs on {torch.device(device).type}"
     if entry.backend == "tensorrt":
-        if torch.device(device).type != "cuda":
-            return f"TensorRT plans run on CUDA devices, the model is on {torch.device(device).type}"
+        device = torch.device(device)
         here = device_info(device)["compute_capability"]
         portable = entry.raw.get("tensorrt_options", {}).get("hardware_compatibility", "none") != "none"
-        if entry.device.get("compute_capability") != here and not portable:
-            return f"built for compute capability {entry.device.get('compute_capability')}, this GPU is {here}"
+        problem = compatibility_problem(entry.versions.get("tensorrt"), entry.device.get("compute_capability"),
+                                        portable, versions.get("tensorrt"), device,
+                                        tuple(int(x) for x in here.split(".")) if here else None)
+        if problem:
+            return problem
     return check_files(entry, folder, full=full)

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .config import WanConfig, find_preset
+from .config import CLIP_TOKENS, WanConfig, find_preset, vae_fields
 from .errors import WeightsError
 
 DIFFUSERS_FILE = "diffusion_pytorch_model.safetensors"
@@ -206,9 +206,8 @@ def infer_config(tensors: Mapping[str, torch.Tensor], name: str, head_dim: int =
         name=name, num_heads=d // head_dim, head_dim=head_dim, ffn_dim=ffn_dim, num_layers=layers,
         in_channels=c_in, out_channels=out_channels, text_dim=text_dim, freq_dim=freq_dim,
         patch_size=tuple(patch), image_dim=None if image is None else image.shape[0],
-        image_tokens=0 if image is None else (pos.shape[1] if pos is not None else 257),
-        image_pos_embed=pos is not None,
-        vae_spatial_stride=16 if out_channels == 48 else 8, per_token_timesteps=out_channels == 48,
+        image_tokens=0 if image is None else (pos.shape[1] if pos is not None else CLIP_TOKENS),
+        image_pos_embed=pos is not None, **vae_fields(out_channels),
     )
 
 
@@ -239,15 +238,21 @@ def load_checkpoint(path: str | Path, *, subfolder: str | None = None, preset: W
     if not original:  # check the config before touching any weights
         config = WanConfig.from_diffusers(raw, name=str(path))
     files = _safetensors_in(path)
-    tensors = strip_community_prefix(_read_files(files))
-    layout = detect_layout(tensors)
-    if layout == "original":
-        tensors = {original_to_diffusers_name(k): v for k, v in tensors.items()}
+    tensors, layout = _diffusers_named(_read_files(files))
     if original:
         norm = tensors.get("condition_embedder.image_embedder.norm1.weight")
         config = WanConfig.from_original(raw, image_dim=None if norm is None else norm.shape[0], name=str(path))
     config = _named(config, preset, path)
     return Checkpoint(config, tensors, layout, files)
+
+
+def _diffusers_named(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Community prefixes stripped, original-layout names renamed; returns the tensors and the layout."""
+    tensors = strip_community_prefix(tensors)
+    layout = detect_layout(tensors)
+    if layout == "original":
+        tensors = {original_to_diffusers_name(k): v for k, v in tensors.items()}
+    return tensors, layout
 
 
 def _load_single_file(path: Path, preset: WanConfig | None) -> Checkpoint:
@@ -256,10 +261,7 @@ def _load_single_file(path: Path, preset: WanConfig | None) -> Checkpoint:
                            "convert it to safetensors first")
     if path.suffix != ".safetensors":
         raise WeightsError(f"{path}: expected a .safetensors file")
-    tensors = strip_community_prefix(read_safetensors(path))
-    layout = detect_layout(tensors)
-    if layout == "original":
-        tensors = {original_to_diffusers_name(k): v for k, v in tensors.items()}
+    tensors, layout = _diffusers_named(read_safetensors(path))
     config = infer_config(tensors, str(path), preset.head_dim if preset else 128)
     return Checkpoint(_named(config, preset, path), tensors, layout, [path])
 

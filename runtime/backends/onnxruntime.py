@@ -34,20 +34,23 @@ class OnnxRuntimeEngine:
         # Inputs beyond the call's own are the shape tables, fed from the model's tensors.
         self._tables = [n for n in names if constants is not None and n in constants]
         self._inputs = [n for n in names if n not in self._tables]
+        self._names = self._inputs + self._tables
         self._table_values = [constants[n].to(self.device) for n in self._tables] if constants else []
         self._output = self._session.get_outputs()[0]
+        self._output_shape = tuple(int(d) for d in self._output.shape)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         inputs = tuple(inputs) + tuple(self._table_values)
-        names = self._inputs + self._tables
         if self.device.type != "cuda":
-            feeds = {name: t.detach().contiguous().numpy() for name, t in zip(names, inputs)}
+            feeds = {name: t.detach().contiguous().numpy() for name, t in zip(self._names, inputs)}
             return torch.from_numpy(self._session.run([self._output.name], feeds)[0])
         binding = self._session.io_binding()
-        for name, t in zip(names, inputs):
-            t = t.contiguous()
+        # contiguous copies (an expanded timestep is not) must outlive the run: ONNX Runtime reads
+        # them through raw pointers, and a freed block goes straight back to torch's allocator
+        bound = [t.contiguous() for t in inputs]
+        for name, t in zip(self._names, bound):
             binding.bind_input(name, "cuda", self.device.index or 0, _ONNX_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
-        out = torch.empty(tuple(int(d) for d in self._output.shape), dtype=inputs[0].dtype, device=self.device)
+        out = torch.empty(self._output_shape, dtype=inputs[0].dtype, device=self.device)
         binding.bind_output(self._output.name, "cuda", self.device.index or 0, _ONNX_TYPES[out.dtype],
                             tuple(out.shape), out.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()

@@ -19,6 +19,8 @@ from typing import Mapping
 
 import torch
 
+from ..manifest import compatibility_problem
+
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                 "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8}
 
@@ -45,20 +47,6 @@ def make_logger(trt):
             return [m for s, m in self.messages if s == "WARNING"]
 
     return Logger()
-
-
-def compatibility_problem(built_with: str | None, built_for: str | None, portable: bool, trt_version: str,
-                          device: torch.device, capability: tuple[int, int] | None) -> str | None:
-    """Why this TensorRT and GPU cannot run a plan built with TensorRT `built_with` for compute
-    capability `built_for` (checked before deserializing), or None."""
-    if built_with != trt_version:
-        return f"built with TensorRT {built_with}, this machine has {trt_version} (plans need the exact version)"
-    if device.type != "cuda" or capability is None:
-        return f"TensorRT plans run on CUDA devices, the model is on {device.type}"
-    here = f"{capability[0]}.{capability[1]}"
-    if built_for != here and not portable:
-        return f"built for compute capability {built_for}, this GPU is {here}"
-    return None
 
 
 class TensorRTEngine:

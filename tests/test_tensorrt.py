@@ -440,3 +440,28 @@ def test_quantized_onnxruntime_entries_are_refused_everywhere():
         for device in ("cpu", "cuda"):
             assert unavailable(entry, torch.device(device)) == (
                 f"{precision} engines are built by the tensorrt backend{also}; onnxruntime builds fp32, fp16 and bf16")
+
+
+@pytest.mark.parametrize("scale_error,recorded,status", [(0.07, 0.03, "ok"), (0.09, 0.03, "failed"),
+                                                         (0.07, 0.0, "failed")])
+def test_verify_bounds_quantized_tensorrt_entries_by_their_recorded_error(monkeypatch, scale_error, recorded,
+                                                                          status):
+    """verify compares a TensorRT fp8 engine with the unquantized model: allowed is the build's parity
+    tolerance (5%) widened by the quantization error the build recorded, no more."""
+    from builder import catalog
+    from runtime.manifest import Entry, shape_json
+
+    config = get_preset("tiny-t2v")
+    shape = StaticShape(1, 2, 4, 6, 16)
+    model = StaticWanTransformer(config, shape).eval().to(torch.bfloat16)
+    entry = Entry.from_json({"id": "e", "backend": "tensorrt", "precision": "fp8", "expert": "main",
+                             "shape": shape_json(shape, config, None), "files": {}, "versions": {}, "device": {},
+                             "weights_fingerprint": "", "parity": {}, "quantization_error": {"relative": recorded}})
+
+    def engine(entry, folder, device, constants):
+        reference = StaticWanTransformer.from_parameters(config, shape, dict(model.named_parameters())).eval()
+        return lambda *inputs: reference(*inputs) * (1 + scale_error)
+
+    monkeypatch.setattr(catalog, "load_engine", engine)
+    result = catalog._rerun_parity(entry, Path("."), config, dict(model.named_parameters()), torch.device("cpu"))
+    assert result.status == status, result.detail

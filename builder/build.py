@@ -39,8 +39,7 @@ from .export import PARITY_SEED, PARITY_TOLERANCE, compare, export_onnx, share_w
 from .onnx_check import check_for_tensorrt
 from .calibration import Call, calls_for, fingerprint, load_calls
 from .nvfp4 import FP4_DATA, insert_nvfp4_qdq
-from .nvfp4 import emulate as emulate_nvfp4
-from .quantize import calibrate_fp8, calibrate_nvfp4, insert_fp8_qdq, node_scope
+from .quantize import calibrate_fp8, calibrate_nvfp4, insert_fp8_qdq
 from .tensorrt import PLAN_FILE, build_plan
 from .profiles import Expert, Profile, ShapeSpec
 
@@ -152,15 +151,6 @@ def _resolve_device(profile: Profile) -> torch.device:
 
 
 # -- planning -------------------------------------------------------------------------------------
-def _modelopt_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("nvidia-modelopt")
-    except PackageNotFoundError:
-        return None
-
-
 def calibrated(precision: str, backend: str) -> bool:
     """Entries whose quantization scales are calibrated (the others quantize at run time or not at all)."""
     return backend == "tensorrt" and Precision(precision).quantized
@@ -192,7 +182,7 @@ def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.d
                                                  if k not in ("timing_cache", "cuda_graphs")})
                     mine: tuple[Call, ...] = ()
                     if calibrated(precision, backend):
-                        identity["modelopt"] = _modelopt_version()
+                        identity["modelopt"] = versions["modelopt"]
                         if calls:
                             mine = tuple(c for c in calls if c.expert == expert.name and c.shape == shape)
                             identity["calibration"] = fingerprint([c.file for c in mine])
@@ -354,7 +344,8 @@ def _build_files(entry: PlannedEntry, tensors: dict[str, torch.Tensor], profile:
     (folder / "parity.json").write_text(json.dumps({"seed": PARITY_SEED, "reference": f"eager {entry.precision}",
                                                     "sample": parity.to_json(), **extra}, indent=2) + "\n")
     model_spec = lambda s: {"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")}  # noqa
-    files = {p.name: {"sha256": sha256_file(p, use_cache=False), "bytes": p.stat().st_size}
+    # cached: share_weights has just hashed the (large) weights files in full, under this inode and mtime
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(folder.iterdir()) if p.is_file()}
     video = (entry.spec.frames, entry.spec.height, entry.spec.width)
     versions = tool_versions()
@@ -412,8 +403,6 @@ def prepare_tensorrt_onnx(entry: PlannedEntry, model: StaticWanTransformer, inpu
     config = profile.config
     constants = {k: v.detach() for k, v in _constants(model).items()}
     path = export_onnx(config, entry.shape, constants, model.dtype, folder, profile.onnx_opset)
-    with torch.no_grad():
-        reference = model(*inputs)
     seeds = range(PARITY_SEED + 1, PARITY_SEED + 1 + FP8_CALIBRATION_BATCHES)
     calibration_inputs = (model.example_inputs(seed=s, dtype=model.dtype) for s in seeds)
     if entry.calibration:  # the user's recorded calls instead
@@ -425,18 +414,18 @@ def prepare_tensorrt_onnx(entry: PlannedEntry, model: StaticWanTransformer, inpu
     if entry.precision == Precision.FP8.value:
         calibration = calibrate_fp8(model, calibration_inputs, inputs)
         insert_fp8_qdq(path, calibration, model.dtype)
-        with torch.no_grad():
-            reference = model(*inputs)  # Model Optimizer's fake quantization: what the engine computes
+        reference = calibration.output  # Model Optimizer's fake quantization: what the engine computes
         extra["quantization_error"] = {**calibration.to_json(), "relative": calibration.relative_error}
-    if entry.precision == Precision.NVFP4.value:
+    elif entry.precision == Precision.NVFP4.value:
         calibration = calibrate_nvfp4(model, calibration_inputs, inputs)
         insert_nvfp4_qdq(path, calibration.input_amax, {n: model.get_submodule(n).weight
-                                                         for n in calibration.input_amax},
-                         model.dtype, node_scope, lambda s: s.removeprefix("model."))
-        with torch.no_grad(), emulate_nvfp4(model, calibration.input_amax):
-            reference = model(*inputs)  # the engine's arithmetic, emulated
+                                                         for n in calibration.input_amax}, model.dtype)
+        reference = calibration.output  # the engine's arithmetic, emulated
         extra["quantization_error"] = {**calibration.to_json(), "relative": calibration.relative_error}
         share_weights(folder, folder.parent / WEIGHTS_STORE, FP4_DATA)
+    else:
+        with torch.no_grad():
+            reference = model(*inputs)
     share_weights(folder, folder.parent / WEIGHTS_STORE)
     extra["onnx_check"] = check_for_tensorrt(path, config)
     return path, reference

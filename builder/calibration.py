@@ -21,6 +21,7 @@ import torch
 from runtime.config import WanConfig
 from runtime.dynamic import static_call
 from runtime.errors import WanBuildError
+from runtime.manifest import sha256_file
 from runtime.static import StaticShape
 
 
@@ -49,10 +50,7 @@ def fingerprint(files: list[Path]) -> str:
     the calls the entry uses, so recording calls at another size rebuilds nothing)."""
     digest = hashlib.sha256()
     for f in sorted(files):
-        digest.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        digest.update(f"{f.name}\0{sha256_file(f)}\0".encode())
     return digest.hexdigest()
 
 

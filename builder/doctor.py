@@ -5,25 +5,17 @@ from __future__ import annotations
 import importlib.util
 import platform
 import shutil
-from importlib import metadata
-
 import torch
+
+from runtime.manifest import tool_versions
 
 TRT_INSTALL = ("not installed. On an NVIDIA GPU machine that can reach NVIDIA's package index: "
                "pip install tensorrt-cu12 (CUDA 12) or tensorrt-cu13 (CUDA 13); the PyPI packages download "
                "the libraries from pypi.nvidia.com at install time")
 
 
-def _version(*dists: str) -> str | None:
-    for d in dists:
-        try:
-            return metadata.version(d)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 def report() -> list[str]:
+    versions = tool_versions()
     lines = [f"python       {platform.python_version()} on {platform.machine()}",
              f"torch        {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
     cc = None
@@ -34,7 +26,7 @@ def report() -> list[str]:
         cc = torch.cuda.get_device_capability(0)
     else:
         lines.append("GPU          none visible to torch")
-    trt = _version("tensorrt", "tensorrt-cu13", "tensorrt-cu12")
+    trt = versions["tensorrt"]
     trt_ok = importlib.util.find_spec("tensorrt") is not None
     lines.append(f"TensorRT     {trt if trt_ok else TRT_INSTALL}")
     providers = "not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
@@ -43,7 +35,7 @@ def report() -> list[str]:
 
         providers = f"{onnxruntime.__version__}: " + ", ".join(onnxruntime.get_available_providers())
     lines.append(f"ONNX Runtime {providers}")
-    lines.append(f"ModelOpt     {_version('nvidia-modelopt') or 'not installed (pip install nvidia-modelopt; needed for FP8 TensorRT engines)'}")
+    lines.append(f"ModelOpt     {versions['modelopt'] or 'not installed (pip install nvidia-modelopt; needed for FP8/NVFP4 TensorRT engines)'}")
     lines.append(f"C++ compiler {shutil.which('g++') or shutil.which('c++') or 'none (AOTInductor builds need one)'}")
     lines.append("")
     lines.append(f"{'backend':12s} {'build here':34s} {'run here'}")

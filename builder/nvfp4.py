@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from runtime.errors import WanBuildError
+from runtime.fp8 import E4M3_MAX
 
 BLOCK = 16
 E2M1_MAX = 6.0
-E4M3_MAX = 448.0
 FP4_DATA = "model.nvfp4.data"
 TRT_DOMAIN = "trt"
 DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
@@ -171,11 +171,15 @@ def observe_input_amax(model: nn.Module, names: list[str], batches) -> dict[str,
 
 
 def insert_nvfp4_qdq(onnx_path: Path, input_amax: Mapping[str, float], weights: Mapping[str, torch.Tensor],
-                     dtype: torch.dtype, scope_of: Callable, module_name: Callable[[str], str]) -> int:
+                     dtype: torch.dtype, scope_of: Callable | None = None,
+                     module_name: Callable[[str], str] = lambda s: s.removeprefix("model.")) -> int:
     """Rewrite each listed layer's MatMul of `onnx_path` to NVFP4 (module docstring); returns the
     layers rewritten. `weights[name]` is the layer's [out, in] weight; the 16-bit copy the graph held
     is dropped from the graph (its bytes stay in the shared 16-bit data file, which other entries use).
     On any error the graph is untouched and no FP4 data file is left."""
+    from .quantize import node_scope
+
+    scope_of = scope_of or node_scope
     data_path = onnx_path.with_name(FP4_DATA)
     data_path.unlink(missing_ok=True)  # a new file: never write through a hard link into the shared store
     try:
@@ -238,7 +242,6 @@ def _insert(onnx_path: Path, data_path: Path, input_amax: Mapping[str, float], w
                 if held is None or list(held.dims) != [weight.shape[1], weight.shape[0]]:
                     raise Nvfp4Error(f"{onnx_path}: the MatMul of {name} does not take its weight as a stored "
                                      f"[in, out] matrix; cannot write it in NVFP4")
-                _blocks(weight, name)
                 # activation: dynamic FP4 at run time, the calibrated per-tensor scale
                 tag = f"{name}.input"
                 x_scale = scalar(f"{tag}.global_scale", float(global_scale(input_amax[name])))

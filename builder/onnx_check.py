@@ -23,11 +23,12 @@ from pathlib import Path
 from runtime.config import WanConfig
 from runtime.errors import WanBuildError
 
+from .nvfp4 import BLOCK, DYNAMIC_QUANTIZE, TRT_DOMAIN
+
 _DOUBLE, _COMPLEX64, _COMPLEX128 = 11, 14, 15
 _BAD_TYPES = {_DOUBLE: "float64", _COMPLEX64: "complex64", _COMPLEX128: "complex128"}
 _FLOAT4E2M1, _FLOAT8E4M3FN = 23, 17
-_TRT_OPS = {("trt", "TRT_FP4DynamicQuantize")}
-_FP4_BLOCK = 16
+_TRT_OPS = {(TRT_DOMAIN, DYNAMIC_QUANTIZE)}
 
 
 class GraphCheckError(WanBuildError):
@@ -65,8 +66,8 @@ def check_for_tensorrt(path: Path, config: WanConfig) -> dict[str, int]:
         return next((a.i for a in node.attribute if a.name == name), None)
 
     def fp4_blocks(node, where: str) -> None:
-        if attr(node, "block_size") != _FP4_BLOCK or attr(node, "axis") != -1:
-            problems.append(f"{where}: FP4 needs blocks of {_FP4_BLOCK} on the last axis "
+        if attr(node, "block_size") != BLOCK or attr(node, "axis") != -1:
+            problems.append(f"{where}: FP4 needs blocks of {BLOCK} on the last axis "
                             f"(block_size={attr(node, 'block_size')}, axis={attr(node, 'axis')})")
 
     for node in graph.node:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -48,6 +48,7 @@ class Calibration:
     amax: dict[str, tuple[float, float]]  # linear layer -> (activation amax, weight amax)
     relative_error: float  # fake-quantized model vs unquantized, held-out inputs
     batches: int
+    output: torch.Tensor = field(repr=False, compare=False)  # the fake-quantized model on the held-out inputs
 
     def to_json(self) -> dict:
         return {"layers": len(self.amax), "batches": self.batches, "relative_error_vs_unquantized":
@@ -96,7 +97,7 @@ def calibrate_fp8(model: StaticWanTransformer, batches: Iterable[tuple[torch.Ten
             raise QuantizeError(f"Model Optimizer left {name} uncalibrated; the calibration inputs never reached it")
         amax[name] = (float(a.max()), float(w.max()))
     error = ((quantized.float() - reference.float()).norm() / reference.float().norm()).item()
-    return Calibration(amax, error, len(batches))
+    return Calibration(amax, error, len(batches), quantized)
 
 
 def node_scope(node) -> str | None:
@@ -161,6 +162,7 @@ class Nvfp4Calibration:
     relative_error: float  # the engine's arithmetic (emulated) vs unquantized, held-out inputs
     modelopt_difference: float  # the emulation vs Model Optimizer's own NVFP4 fake quantization
     batches: int
+    output: torch.Tensor = field(repr=False, compare=False)  # the emulation on the held-out inputs
 
     def to_json(self) -> dict:
         return {"layers": len(self.input_amax), "batches": self.batches,
@@ -206,4 +208,4 @@ def calibrate_nvfp4(model: StaticWanTransformer, batches: Iterable[tuple[torch.T
     def rel(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
-    return Nvfp4Calibration(amax, rel(ours, reference), rel(ours, theirs), len(batches))
+    return Nvfp4Calibration(amax, rel(ours, reference), rel(ours, theirs), len(batches), ours)

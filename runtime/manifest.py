@@ -131,7 +131,7 @@ def tool_versions() -> dict[str, str | None]:
     trt = next((v for v in (version(d) for d in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")) if v), None)
     ort = next((v for v in (version(d) for d in ("onnxruntime", "onnxruntime-gpu")) if v), None)
     return {"torch": torch.__version__, "onnx": version("onnx"), "onnxruntime": ort, "tensorrt": trt,
-            "python": platform.python_version()}
+            "modelopt": version("nvidia-modelopt"), "python": platform.python_version()}
 
 
 def device_info(device: torch.device | str) -> dict[str, Any]:

@@ -121,7 +121,7 @@ def test_nvfp4_calibration_with_model_optimizer(tmp_path, dtype):
     from builder.export import export_onnx
     from builder.nvfp4 import insert_nvfp4_qdq
     from builder.onnx_check import check_for_tensorrt
-    from builder.quantize import calibrate_nvfp4, node_scope
+    from builder.quantize import calibrate_nvfp4
     from runtime import StaticShape, StaticWanTransformer
 
     config = get_preset("tiny-t2v").replace(num_layers=8)
@@ -136,5 +136,5 @@ def test_nvfp4_calibration_with_model_optimizer(tmp_path, dtype):
     assert 0.005 < calibration.relative_error < 0.1
     assert calibration.modelopt_difference < (1e-3 if dtype == torch.float32 else 2e-2)
     weights = {n: model.get_submodule(n).weight for n in calibration.input_amax}
-    insert_nvfp4_qdq(path, calibration.input_amax, weights, dtype, node_scope, lambda s: s.removeprefix("model."))
+    insert_nvfp4_qdq(path, calibration.input_amax, weights, dtype)
     assert check_for_tensorrt(path, config)["fp4"] == 20

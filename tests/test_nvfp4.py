@@ -13,7 +13,7 @@ from builder.export import export_onnx
 from builder.nvfp4 import (BLOCK, DYNAMIC_QUANTIZE, FP4_DATA, TRT_DOMAIN, Nvfp4Error, dequantize, e2m1_decode,
                            emulate, global_scale, insert_nvfp4_qdq, observe_input_amax, pack, quantize)
 from builder.onnx_check import GraphCheckError, check_for_tensorrt
-from builder.quantize import QuantizeError, calibrate_nvfp4, node_scope
+from builder.quantize import QuantizeError, calibrate_nvfp4
 from runtime import StaticShape, StaticWanTransformer, get_preset
 from runtime.fp8 import fp8_layer_names
 
@@ -106,8 +106,7 @@ def test_nvfp4_graph_computes_the_emulation(tmp_path):
     held_out = model.example_inputs(99)
     weights = {n: model.get_submodule(n).weight for n in names}
     data_before = (tmp_path / "model.onnx.data").read_bytes()
-    assert insert_nvfp4_qdq(path, amax, weights, torch.float32, node_scope,
-                            lambda s: s.removeprefix("model.")) == len(names) == 20
+    assert insert_nvfp4_qdq(path, amax, weights, torch.float32) == len(names) == 20
     assert (tmp_path / "model.onnx.data").read_bytes() == data_before  # the shared 16-bit file untouched
     counts = check_for_tensorrt(path, config)
     assert counts["fp4"] == 20 and counts["attention"] == 16
@@ -140,7 +139,7 @@ def test_graph_check_names_bad_fp4_nodes(tmp_path):
     config, model, tensors, path = _tiny(tmp_path)
     names = fp8_layer_names(model, config.num_layers)
     insert_nvfp4_qdq(path, dict.fromkeys(names, 3.0), {n: model.get_submodule(n).weight for n in names},
-                     torch.float32, node_scope, lambda s: s.removeprefix("model."))
+                     torch.float32)
     graph = onnx.load(str(path), load_external_data=False)
     for node in graph.graph.node:
         if node.op_type == DYNAMIC_QUANTIZE and node.name.startswith("blocks.3.attn1.to_q"):
@@ -159,8 +158,7 @@ def test_a_layer_the_graph_lacks_leaves_nothing_behind(tmp_path):
     config, model, tensors, path = _tiny(tmp_path)
     before = path.read_bytes()
     with pytest.raises(Nvfp4Error, match="no MatMul found for blocks.99.ffn"):
-        insert_nvfp4_qdq(path, {"blocks.99.ffn": 1.0}, {"blocks.99.ffn": torch.randn(48, 48)}, torch.float32,
-                         node_scope, lambda s: s.removeprefix("model."))
+        insert_nvfp4_qdq(path, {"blocks.99.ffn": 1.0}, {"blocks.99.ffn": torch.randn(48, 48)}, torch.float32)
     assert path.read_bytes() == before and not (tmp_path / FP4_DATA).exists()
 
 
@@ -197,7 +195,7 @@ def test_nvfp4_entries_through_the_build(tmp_path, monkeypatch):
         with torch.no_grad(), emulate(model, amax):
             ours = model(*held_out)
         ref = model(*held_out)
-        return Nvfp4Calibration(amax, ((ours - ref).norm() / ref.norm()).item(), float("nan"), 4)
+        return Nvfp4Calibration(amax, ((ours - ref).norm() / ref.norm()).item(), float("nan"), 4, ours)
 
     def fake_build_plan(onnx_path, plan_path, options, cache_dir, gpu_name, cc):
         plan_path.write_bytes(b"plan")
@@ -255,7 +253,7 @@ def test_graph_check_catches_a_dtype_left_behind(tmp_path):
     path = export_onnx(config, model.shape, tensors, torch.bfloat16, tmp_path, 23)
     names = fp8_layer_names(model, config.num_layers)
     insert_nvfp4_qdq(path, dict.fromkeys(names, 3.0), {n: model.get_submodule(n).weight for n in names},
-                     torch.bfloat16, node_scope, lambda s: s.removeprefix("model."))
+                     torch.bfloat16)
     assert check_for_tensorrt(path, config)["fp4"] == 20
     graph = onnx.load(str(path), load_external_data=False)
     cast = next(n for n in graph.graph.node if n.name == "blocks.1.ffn.net.2.input.Cast")

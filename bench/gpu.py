@@ -237,12 +237,15 @@ def block_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, i
             fp32_ref = block32(x.float(), (ctx.float(),), temb.float(), cos, sin)
             del block32
 
+        def failed(variant: str, e: Exception) -> None:
+            case["variants"][variant] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"  {name} {variant}: FAILED {type(e).__name__}: {str(e)[:200]}")
+
         def record(variant: str, fn: Callable[[], torch.Tensor], note: str = "") -> None:
             try:
                 b.record(name, variant, fn, block_flops, reference, fp32_ref, note)
             except Exception as e:  # noqa: BLE001 - one variant failing must not lose the run
-                case["variants"][variant] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-                print(f"  {name} {variant}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                failed(variant, e)
 
         if b.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(b.device)
@@ -264,7 +267,11 @@ def block_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, i
         def record_compiled(variant: str, module: torch.nn.Module) -> None:
             compiled = torch.compile(module, fullgraph=True)
             t0 = time.perf_counter()
-            compiled(x, contexts, temb, cos, sin)
+            try:
+                compiled(x, contexts, temb, cos, sin)  # the compile itself; its failure must not end the case
+            except Exception as e:  # noqa: BLE001
+                failed(variant, e)
+                return
             record(variant, lambda: compiled(x, contexts, temb, cos, sin), f"(compile {time.perf_counter() - t0:.0f} s)")
 
         if "compile" not in skip and b.left() > 120:
@@ -276,8 +283,7 @@ def block_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, i
                 record("ours AOTInductor", lambda: runner(x, contexts, temb, cos, sin),
                        f"(compile {time.perf_counter() - t0:.0f} s, weights outside the package)")
             except Exception as e:  # noqa: BLE001
-                case["variants"]["ours AOTInductor"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-                print(f"  {name} AOTInductor: FAILED {type(e).__name__}: {str(e)[:200]}")
+                failed("ours AOTInductor", e)
         if "fp8" not in skip:
             fp8 = fp8_block(config, b.device, "rowwise")
             record("ours FP8 linear (rowwise)", lambda: fp8(x, contexts, temb, cos, sin))

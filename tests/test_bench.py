@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -22,11 +23,13 @@ def test_gpu_harness_runs_tiny_on_cpu(tmp_path):
     for name, case in results["cases"].items():
         assert "error" not in case, case.get("error")
         variants = case["variants"]
+        failed = {v: r["error"] for v, r in variants.items() if "error" in r}
+        assert not failed, failed
         assert variants["ours eager"]["median_ms"] > 0
-        assert "diffusers block" in variants or "diffusers" in variants
+        diffusers = variants["diffusers" if name == "full480" else "diffusers block"]
+        assert diffusers["rel_error_vs_eager"] < 1e-4  # the same math (0 measured at these sizes)
     block = results["cases"]["block480"]["variants"]
     assert 1e-3 < block["ours FP8 linear (rowwise)"]["rel_error_vs_eager"] < 0.1
-    assert block["diffusers block"]["rel_error_vs_eager"] < 1e-2
     assert "linear part" in " ".join(results["micro"])
     assert "ratio_to_floor" in block["ours eager"] and results["matmul_tflops"] > 0
     assert r.stdout.splitlines()[-1].startswith("full results:")
@@ -40,4 +43,8 @@ def test_quantization_error_harness_runs_tiny(tmp_path):
     q = json.loads((tmp_path / "q.json").read_text())
     assert q["quantized_layers"] == 20 and q["tokens"] == 12
     assert 1e-3 < q["nvfp4_model"] < 0.3 and 0.02 < q["nvfp4_weight_per_layer_mean"] < 0.2
-    assert isinstance(q["fp8_model"], float) or q["fp8_model"].startswith("not measured")
+    assert 1e-3 < q["nvfp4_weights_only_model"] < 0.3
+    if importlib.util.find_spec("modelopt") is None:
+        assert q["fp8_model"].startswith("not measured")
+    else:
+        assert 1e-3 < q["fp8_model"] < 0.05, q["fp8_model"]  # 7.5e-3 measured

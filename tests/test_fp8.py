@@ -52,6 +52,7 @@ def test_fused_quantizer_serves_many_shapes_without_hitting_the_recompile_limit(
     from runtime import fp8
 
     fp8._compiled.clear()
+    fp8._failed.clear()
     for rows in (512, 700, 1000, 1300, 2048, 2500, 3000, 3333, 4000, 4500, 5000):
         for features in (64, 96):
             x = torch.randn(rows, features).to(torch.bfloat16)

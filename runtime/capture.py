@@ -40,18 +40,18 @@ def capture_calls(transformer: nn.Module, folder: str | Path, every: int = 1,
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     seen = 0
+    index = len(list(folder.glob("call-*.safetensors")))
 
     def hook(module, args, kwargs):
-        nonlocal seen
+        nonlocal seen, index
         seen += 1
         if (seen - 1) % every or (limit is not None and len(written) >= limit):
             return
         values = dict(zip(CALL_ARGS, args))
         values.update({k: v for k, v in kwargs.items() if k in CALL_ARGS})
         tensors = {k: torch.as_tensor(v).detach().to("cpu").contiguous() for k, v in values.items() if v is not None}
-        index = len(list(folder.glob("call-*.safetensors")))
         path = folder / f"call-{index:04d}.safetensors"
-        while path.exists():
+        while path.exists():  # another capture (the other expert) may record into this folder too
             index += 1
             path = folder / f"call-{index:04d}.safetensors"
         save_file(tensors, str(path))

@@ -244,9 +244,6 @@ PRESETS: dict[str, WanConfig] = {
     ]
 }
 
-TINY_PRESETS = tuple(name for name in PRESETS if name.startswith("tiny-"))
-
-
 def get_preset(name: str) -> WanConfig:
     try:
         return PRESETS[name]
@@ -313,12 +310,6 @@ def latent_size(config: WanConfig, video_frames: int, height: int, width: int) -
     size = LatentSize((video_frames - 1) // t + 1, height // s, width // s)
     check_latent_size(config, size)
     return size
-
-
-def video_size(config: WanConfig, size: LatentSize) -> tuple[int, int, int]:
-    """Latent dims -> (video frames, height, width) in pixels."""
-    t, s = config.vae_temporal_stride, config.vae_spatial_stride
-    return (size.frames - 1) * t + 1, size.height * s, size.width * s
 
 
 def check_latent_size(config: WanConfig, size: LatentSize) -> None:

@@ -136,17 +136,19 @@ class WanTransformer(nn.Module):
     def quantize_fp8(self, scaling: str = "rowwise", check_device: bool = True) -> list[str]:
         """Make the middle blocks' linear layers FP8 in place (see `runtime.fp8`); returns their names."""
         names = quantize_fp8(self, self.wan_config.num_layers, scaling, check_device=check_device)
-        self._eager.clear()  # static models built on the bf16 layers are stale now
-        if self.engines is not None:
-            self.engines.release()
+        self._drop_built()  # static models built on the bf16 layers are stale now
         return names
 
     def _apply(self, fn, recurse=True):
         # Moving or casting replaces the parameter tensors; static models built on the old ones go.
+        self._drop_built()
+        return super()._apply(fn, recurse)
+
+    def _drop_built(self) -> None:
+        """Forget the eager static models and loaded engines built on the current tensors."""
         self._eager.clear()
         if self.engines is not None:
             self.engines.release()
-        return super()._apply(fn, recurse)
 
     # -- what diffusers pipelines read --------------------------------------------------------------
     @property

@@ -28,7 +28,6 @@ class EngineSet:
     precision: str
     strict: bool = False
     by_shape: dict[StaticShape, list[Entry]] = field(default_factory=dict)
-    refused: dict[str, str] = field(default_factory=dict)
     refused_shapes: dict[StaticShape, list[str]] = field(default_factory=dict)
     other_precisions: dict[StaticShape, list[str]] = field(default_factory=dict)
     _loaded: dict[str, Engine] = field(default_factory=dict)
@@ -42,18 +41,19 @@ class EngineSet:
         manifest = read_manifest(folder)
         experts = manifest.get("experts", {})
         expert = next((name for name, e in experts.items() if e.get("fingerprint") == fingerprint), None)
-        order = [b for b in (backends or BACKENDS)]
+        order = list(backends or BACKENDS)
         unknown = [b for b in order if b not in BACKENDS]
         if unknown:
             raise EngineError(f"backends {unknown} are not known; choose from {', '.join(BACKENDS)}")
         engines = cls(folder, expert or "?", precision, strict)
         versions = tool_versions()
         entries = [Entry.from_json(e) for e in manifest.get("entries", {}).values()]
-        for entry in entries:
-            if expert is None:
-                built = ", ".join(f"{n} {e.get('fingerprint', '')[:12]}" for n, e in experts.items())
+        if expert is None:
+            built = ", ".join(f"{n} {e.get('fingerprint', '')[:12]}" for n, e in experts.items())
+            for entry in entries:
                 engines.refuse(entry, f"built from other weights (experts {built}; these weights {fingerprint[:12]})")
-                continue
+            return engines
+        for entry in entries:
             if entry.expert != expert or entry.backend not in order:
                 continue  # the other expert's engines, or a backend the caller did not ask for
             if entry.precision != precision:
@@ -71,7 +71,6 @@ class EngineSet:
 
     def refuse(self, entry: Entry, reason: str) -> None:
         message = f"engine {entry.describe()} in {self.folder} refused: {reason}"
-        self.refused[entry.id] = reason
         self.refused_shapes.setdefault(entry.shape, []).append(f"{entry.id} ({entry.backend}): {reason}")
         log.warning("%s; calls of its shape fall back", message)
         if self.strict:
@@ -83,10 +82,6 @@ class EngineSet:
             if hasattr(engine, "release"):
                 engine.release()
         self._loaded.clear()
-
-    @property
-    def loaded(self) -> list[str]:
-        return list(self._loaded)
 
     def route(self, shape: StaticShape, device: torch.device,
               constants: Callable[[], Mapping[str, torch.Tensor]]) -> tuple[Engine | None, Entry | None, str]:

@@ -55,19 +55,30 @@ def _stat_key(path: Path) -> str:
     return f"{st.st_dev}:{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def _load_cache() -> dict[str, str]:
+_memory: dict[Path, dict[str, str]] = {}  # the cache file, read once per process (per location)
+
+
+def _read_cache(path: Path) -> dict[str, str]:
     try:
-        return json.loads(_cache_file().read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
 
+def _load_cache() -> dict[str, str]:
+    path = _cache_file()
+    if path not in _memory:
+        _memory[path] = _read_cache(path)
+    return _memory[path]
+
+
 def _store_cache(key: str, digest: str) -> None:
     path = _cache_file()
+    cache = _read_cache(path)  # merged with what other processes wrote since this one read it
+    cache[key] = digest
+    _memory[path] = cache
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        cache = _load_cache()
-        cache[key] = digest
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, path)
@@ -201,8 +212,9 @@ def check_files(entry: Entry, folder: Path, full: bool = False) -> str | None:
         path = Path(folder) / entry.id / name
         if not path.is_file():
             return f"file {path} is missing"
-        if path.stat().st_size != info["bytes"]:
-            return f"file {path} has {path.stat().st_size} bytes, the manifest says {info['bytes']}"
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            return f"file {path} has {size} bytes, the manifest says {info['bytes']}"
         if sha256_file(path, use_cache=not full) != info["sha256"]:
             return f"file {path} fails its sha256 check (changed since it was built)"
     return None

@@ -362,12 +362,15 @@ class StaticWanTransformer(nn.Module):
         """(Re)build the shape-derived float32 tables, on `device` (default: the parameters')."""
         if device is None:
             device = self.patch_embedding.weight.device
-        if torch.device(device).type == "meta":
-            device = "cpu"
-        cos, sin = rope_tables(self.config, self.shape)
+        if torch.device(device).type == "meta":  # shapes only: the values come with real parameters
+            cos = sin = torch.empty(1, self.shape.tokens(self.config), 1, self.config.head_dim // 2, device="meta")
+            freqs = torch.empty(self.config.freq_dim // 2, device="meta")
+        else:
+            cos, sin = rope_tables(self.config, self.shape)
+            freqs = timestep_frequencies(self.config)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
-        self.register_buffer("time_freqs", timestep_frequencies(self.config).to(device), persistent=False)
+        self.register_buffer("time_freqs", freqs.to(device), persistent=False)
 
     @classmethod
     def from_parameters(cls, config: WanConfig, shape: StaticShape,

@@ -336,7 +336,9 @@ def test_a_tensorrt_entry_is_refused_without_tensorrt_and_calls_fall_back(tmp_pa
     (tmp_path / "e" / "manifest.json").write_text(json.dumps(
         {"format": FORMAT, "experts": {"main": {"fingerprint": fp}}, "entries": {"abc": entry}}))
     model = WanTransformer.from_pretrained(tmp_path / "w", engines=tmp_path / "e")
-    assert "tensorrt is not installed" in model.engines.refused["abc"]
+    [(refused_shape, reasons)] = model.engines.refused_shapes.items()
+    assert refused_shape == StaticShape(1, 1, 2, 2, 8) and reasons == ["abc (tensorrt): tensorrt is not installed "
+                                                                       "(pip install tensorrt on an NVIDIA GPU machine)"]
     with torch.no_grad():
         model(torch.randn(1, 16, 1, 2, 2), torch.tensor([1.0]), torch.randn(1, 8, config.text_dim))
     assert model.last_route.backend == "eager" and "tensorrt is not installed" in model.last_route.reason

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import torch
 
+from runtime.manifest import AOTI_FILE
 from runtime.static import StaticWanTransformer
 
 from .export import quiet_torch
 
-ENGINE_FILE = "engine.pt2"
 
 
 def compile_aoti(model: StaticWanTransformer, inputs: tuple[torch.Tensor, ...], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ENGINE_FILE
+    path = folder / AOTI_FILE
     with torch.no_grad(), quiet_torch():
         program = torch.export.export(model, inputs)
         torch._inductor.aoti_compile_and_package(

@@ -28,7 +28,7 @@ import torch
 from runtime.backends import missing_library
 from runtime.fp8 import Fp8Unsupported, check_fp8_device, quantize_fp8
 from runtime.errors import WanBuildError
-from runtime.manifest import (FORMAT, MANIFEST, Entry, EngineError, check_files, device_info, entry_id,
+from runtime.manifest import (FORMAT, MANIFEST, PLAN_FILE, Entry, EngineError, check_files, device_info, entry_id,
                               sha256_cache_dir, sha256_file, shape_json, tool_versions, weights_fingerprint)
 from runtime.precision import Precision
 from runtime.static import StaticShape, StaticWanTransformer, parameter_shapes
@@ -38,9 +38,10 @@ from .aoti import compile_aoti
 from .export import PARITY_SEED, PARITY_TOLERANCE, compare, export_onnx, share_weights
 from .onnx_check import check_for_tensorrt
 from .calibration import Call, calls_for, fingerprint, load_calls
+from .catalog import table
 from .nvfp4 import FP4_DATA, insert_nvfp4_qdq
 from .quantize import calibrate_fp8, calibrate_nvfp4, insert_fp8_qdq
-from .tensorrt import PLAN_FILE, build_plan
+from .tensorrt import build_plan
 from .profiles import Expert, Profile, ShapeSpec
 
 Echo = Callable[[str], None]
@@ -92,8 +93,7 @@ class BuildReport:
             err = "" if r.relative_error is None else f"{r.relative_error:.1e}"
             rows.append((e.expert.name, e.spec.label(), e.precision, e.backend, r.status, f"{r.seconds:.1f}s", err,
                          r.message or e.id))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-        return ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+        return table(rows)
 
 
 # -- folder plumbing ------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from runtime.weights import load_checkpoint, materialize
 from .export import PARITY_SEED, PARITY_TOLERANCE, compare
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows as left-aligned columns, two spaces apart, no trailing blanks."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
@@ -41,7 +42,7 @@ def list_entries(folder: Path) -> list[str]:
         flag = " MISMATCH" if e.raw.get("allow_mismatch") else ""
         rows.append((e.id, e.expert, _shape_label(e), e.backend, e.precision, f"{size:.1f} MB",
                      f"{e.parity['relative']:.1e}{flag}", e.raw.get("built_at", "?")))
-    return _table(rows)
+    return table(rows)
 
 
 @dataclass
@@ -127,7 +128,7 @@ def verify_table(results: list[Verified]) -> list[str]:
         return ["no engines to verify"]
     rows = [("id", "expert", "backend", "precision", "status", "detail")]
     rows += [(r.entry.id, r.entry.expert, r.entry.backend, r.entry.precision, r.status, r.detail) for r in results]
-    return _table(rows)
+    return table(rows)
 
 
 def require_folder(folder: Path) -> Path:

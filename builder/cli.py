@@ -53,15 +53,15 @@ def plan(
     Example: wan-build plan --preset wan2.2-i2v-a14b --frames 81 --height 480 --width 832 --gpu h100
     """
     from runtime.config import get_preset
+    from runtime.precision import PRECISIONS
 
-    from .costs import (PRECISIONS_ALL, best_fit, costs, custom_gpu, find_gpu, gpu_report, serving_memory,
-                        standard_sizes)
+    from .costs import best_fit, costs, custom_gpu, find_gpu, gpu_report, serving_memory, standard_sizes
     from .plan import plan as make_plan
 
     def go() -> list[str]:
         config = get_preset(preset)
-        if precision not in PRECISIONS_ALL:
-            raise WanBuildError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS_ALL)}")
+        if precision not in PRECISIONS:
+            raise WanBuildError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         f, h, w = standard_sizes(config)[0]
         p = make_plan(config, frames or f, height or h, width or w, batch)
         c = costs(config, p.shape, steps)

@@ -209,7 +209,6 @@ FIT_MODES = ("fits", "offload", "streaming", "no")
 FIT_LABELS = {"fits": "fits", "offload": "fits with expert offload", "streaming": "fits with weight streaming",
               "no": "does not fit"}
 QUALITY_ORDER = ("bf16", "fp8", "nvfp4")
-PRECISIONS_ALL = ("fp32", "fp16", "bf16", "fp8", "nvfp4")
 
 
 @dataclass(frozen=True)

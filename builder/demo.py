@@ -19,6 +19,7 @@ from runtime import WanTransformer, load_engines
 from runtime.errors import WanBuildError
 
 from .build import build
+from .catalog import table
 from .export import compare
 from .init_weights import EXPERT_FOLDERS, init_weights
 from .profiles import load_profile
@@ -79,10 +80,9 @@ def run_demo(profile_path: Path, echo: Callable[[str], None] = print) -> None:
                     if label == "unbuilt shape":
                         rows[-1] = rows[-1][:2] + (f"eager: {model.last_route.reason.split(';')[0]}",) + rows[-1][3:]
                         break
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     echo("")
-    for r in rows:
-        echo("  ".join(c.ljust(wd) for c, wd in zip(r, widths)))
+    for line in table(rows):
+        echo(line)
 
     router = load_engines(folder)
     x = torch.randn(1, profile.config.in_channels, latent.frames, latent.height, latent.width, generator=gen)

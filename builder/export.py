@@ -36,6 +36,7 @@ from typing import Mapping
 import torch
 
 from runtime.config import WanConfig
+from runtime.manifest import ONNX_DATA, ONNX_FILE
 from runtime.static import StaticShape, StaticWanTransformer
 
 PARITY_SEED = 1234
@@ -48,7 +49,6 @@ TABLE_INPUTS = ("rope_cos", "rope_sin", "time_freqs")
 # bf16 vs fp32 emulation differed by 2.0% (3x the unquantized 0.75%) at 384 tokens, and a bf16 graph
 # run by ONNX's reference evaluator differed from it by 7.9-8.1% at 48 tokens.
 PARITY_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 2e-2, "fp8": 5e-2, "nvfp4": 1e-1}
-ONNX_FILE, ONNX_DATA = "model.onnx", "model.onnx.data"
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ class Expert:
 class TensorRTOptions:
     workspace_gb: float | None = None  # None: TensorRT's default (all device memory)
     optimization_level: int = 3  # builder optimisation level 0..5
-    timing_cache: Path | None = None  # None: a per-GPU cache inside the engine folder
+    timing_cache: Path | None = None  # None: one per GPU model and TensorRT version in the wan-build cache folder
     hardware_compatibility: str = "none"
     strip_weights: bool = True  # weight-stripped plans, refitted from the ONNX weights at load
     weight_streaming: bool = False

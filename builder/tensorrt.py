@@ -34,7 +34,6 @@ from runtime.errors import WanBuildError
 
 from .profiles import TensorRTOptions
 
-PLAN_FILE = "engine.plan"
 BUILD_LOG = "build.log"
 HARDWARE_LEVELS = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
 

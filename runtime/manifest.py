@@ -29,6 +29,10 @@ from .errors import WanBuildError
 from .static import StaticShape
 
 MANIFEST = "manifest.json"
+# An entry folder's artifacts (the builder writes them, the backends read them).
+ONNX_FILE, ONNX_DATA = "model.onnx", "model.onnx.data"
+AOTI_FILE = "engine.pt2"
+PLAN_FILE = "engine.plan"
 FORMAT = 1
 # The tools whose exact version an engine of each backend depends on at load time.
 BACKEND_VERSION_KEYS = {"aoti": ("torch",), "onnxruntime": (), "tensorrt": ("tensorrt",)}

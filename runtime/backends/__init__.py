@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..manifest import Entry
+from ..manifest import AOTI_FILE, ONNX_FILE, PLAN_FILE, Entry
 
 BACKENDS = ("tensorrt", "aoti", "onnxruntime")  # the runtime's default preference, fastest first
 
@@ -37,15 +37,15 @@ def load_engine(entry: Entry, folder: Path, device: torch.device,
     if entry.backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(path / "model.onnx", device, constants)
+        return OnnxRuntimeEngine(path / ONNX_FILE, device, constants)
     if entry.backend == "aoti":
         from .aoti import AOTIEngine
 
-        return AOTIEngine(path / "engine.pt2", constants)
+        return AOTIEngine(path / AOTI_FILE, constants)
     if entry.backend == "tensorrt":
         from .tensorrt import TensorRTEngine
 
-        return TensorRTEngine(path / "engine.plan", device, constants, built_with=entry.versions.get("tensorrt"),
+        return TensorRTEngine(path / PLAN_FILE, device, constants, built_with=entry.versions.get("tensorrt"),
                               built_for=entry.device.get("compute_capability"),
                               options=entry.raw.get("tensorrt_options", {}))
     raise ValueError(f"unknown backend {entry.backend!r}")

@@ -19,7 +19,7 @@ from typing import Mapping
 
 import torch
 
-from ..manifest import compatibility_problem
+from ..manifest import ONNX_FILE, compatibility_problem
 
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                 "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8}
@@ -67,7 +67,7 @@ class TensorRTEngine:
             raise EngineRefused(f"TensorRT could not deserialize {plan_path}: "
                                 + ("; ".join(self._logger.errors()) or "no reason logged"))
         if options.get("strip_weights", False):
-            self._refit(trt, Path(plan_path).with_name("model.onnx"))
+            self._refit(trt, Path(plan_path).with_name(ONNX_FILE))
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]

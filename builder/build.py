@@ -361,16 +361,12 @@ def _build_files(entry: PlannedEntry, tensors: dict[str, torch.Tensor], profile:
     }
 
 
-def _constants(model: StaticWanTransformer) -> dict[str, torch.Tensor]:
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-
 def _onnxruntime(entry, model, inputs, profile, folder, device, extra):
     from runtime.backends.onnxruntime import OnnxRuntimeEngine
 
     with torch.no_grad():
         reference = model(*inputs)
-    constants = _constants(model)
+    constants = model.constants()
     path = export_onnx(profile.config, entry.shape, constants, model.dtype, folder, profile.onnx_opset)
     share_weights(folder, folder.parent / WEIGHTS_STORE)
     ort_device = device if device.type == "cuda" else torch.device("cpu")
@@ -389,7 +385,7 @@ def _aoti(entry, model, inputs, profile, folder, device, extra):
         with torch.no_grad():
             reference = model(*inputs)
         extra["quantization_error"] = compare(reference, unquantized, 1.0).to_json()
-    constants = _constants(model)
+    constants = model.constants()
     path = compile_aoti(model, inputs, folder)
     return AOTIEngine(path, constants)(*inputs), reference
 
@@ -401,7 +397,7 @@ def prepare_tensorrt_onnx(entry: PlannedEntry, model: StaticWanTransformer, inpu
     insertion; weights shared; the graph checked. Returns the ONNX and the eager reference of
     exactly what the engine computes (fake-quantized for FP8, emulated for NVFP4)."""
     config = profile.config
-    constants = {k: v.detach() for k, v in _constants(model).items()}
+    constants = model.constants()
     path = export_onnx(config, entry.shape, constants, model.dtype, folder, profile.onnx_opset)
     seeds = range(PARITY_SEED + 1, PARITY_SEED + 1 + FP8_CALIBRATION_BATCHES)
     calibration_inputs = (model.example_inputs(seed=s, dtype=model.dtype) for s in seeds)
@@ -434,7 +430,7 @@ def prepare_tensorrt_onnx(entry: PlannedEntry, model: StaticWanTransformer, inpu
 def _tensorrt(entry, model, inputs, profile, folder, device, extra):
     from runtime.backends.tensorrt import TensorRTEngine
 
-    constants = {k: v.detach() for k, v in _constants(model).items()}
+    constants = model.constants()
     path, reference = prepare_tensorrt_onnx(entry, model, inputs, profile, folder, extra)
     gpu = device_info(device)
     info = build_plan(path, folder / PLAN_FILE, profile.tensorrt, _timing_cache_dir(), gpu["name"],

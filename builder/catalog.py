@@ -111,7 +111,7 @@ def _rerun_parity(entry: Entry, folder: Path, config: WanConfig, tensors: dict[s
         # error (||e - u|| <= ||e - q|| + ||q - u||, all on the same fixed-seed inputs).
         q = entry.raw["quantization_error"]["relative"]
         tolerance = tolerance * (1 + q) + q
-    constants = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    constants = model.constants()
     inputs = model.example_inputs(seed=PARITY_SEED, dtype=dtype, device=device)
     try:
         engine = load_engine(entry, folder, device, constants)

@@ -196,8 +196,7 @@ class WanTransformer(nn.Module):
 
     def _constants(self, shape: StaticShape) -> dict[str, torch.Tensor]:
         """Parameters plus the shape's tables, for engines that keep weights outside the artifact."""
-        model, _ = self._eager_model(shape)
-        return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        return self._eager_model(shape)[0].constants()
 
     def _eager_model(self, shape: StaticShape) -> tuple[StaticWanTransformer, str]:
         model = self._eager.get(shape)

@@ -393,6 +393,11 @@ class StaticWanTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
 
+    def constants(self) -> dict[str, torch.Tensor]:
+        """Parameters and shape tables by name (detached, shared): what engines that keep their
+        weights outside the artifact are handed."""
+        return {k: v.detach() for k, v in (*self.named_parameters(), *self.named_buffers())}
+
     def input_specs(self, dtype: torch.dtype | None = None) -> list[TensorSpec]:
         """Names, shapes and dtypes of the inputs, in forward's order (the timestep is float32)."""
         dtype = dtype or self.dtype

@@ -130,7 +130,7 @@ def test_nvfp4_calibration_with_model_optimizer(tmp_path, dtype):
     config = get_preset("tiny-t2v").replace(num_layers=8)
     torch.manual_seed(0)
     model = StaticWanTransformer(config, StaticShape(1, 3, 8, 12, 64)).eval().to("cuda", dtype)
-    tensors = {k: v.detach() for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}
+    tensors = model.constants()
     path = export_onnx(config, model.shape, tensors, dtype, tmp_path, 23)
     calibration = calibrate_nvfp4(model, [model.example_inputs(s, dtype) for s in range(3)],
                                   model.example_inputs(99, dtype))

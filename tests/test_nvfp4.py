@@ -88,8 +88,7 @@ def _tiny(tmp_path):
     config = get_preset("tiny-t2v").replace(num_layers=8)
     torch.manual_seed(0)
     model = StaticWanTransformer(config, StaticShape(1, 3, 8, 12, 64)).eval()
-    tensors = {k: v.detach().clone() for k, v in {**dict(model.named_parameters()),
-                                                   **dict(model.named_buffers())}.items()}
+    tensors = {k: v.clone() for k, v in model.constants().items()}
     path = export_onnx(config, model.shape, tensors, torch.float32, tmp_path, 23)
     return config, model, tensors, path
 
@@ -249,7 +248,7 @@ def test_graph_check_catches_a_dtype_left_behind(tmp_path):
 
     config = get_preset("tiny-t2v").replace(num_layers=4)
     model = StaticWanTransformer(config, StaticShape(1, 2, 4, 6, 64)).eval().to(torch.bfloat16)
-    tensors = {k: v.detach() for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}
+    tensors = model.constants()
     path = export_onnx(config, model.shape, tensors, torch.bfloat16, tmp_path, 23)
     names = fp8_layer_names(model, config.num_layers)
     insert_nvfp4_qdq(path, dict.fromkeys(names, 3.0), {n: model.get_submodule(n).weight for n in names},

@@ -247,7 +247,7 @@ def test_graph_check_passes_our_exports_and_names_bad_nodes(tmp_path):
     for preset, opset in (("tiny-i2v", 23), ("tiny-t2v", 20)):
         config = get_preset(preset)
         model = StaticWanTransformer(config, StaticShape(1, 2, 4, 6, 512, config.image_tokens)).eval()
-        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        tensors = model.constants()
         path = export_onnx(config, model.shape, tensors, torch.float32, tmp_path / preset, opset)
         counts = check_for_tensorrt(path, config)
         assert counts["opset"] == opset and counts["attention" if opset >= 23 else "softmax"] == \
@@ -288,8 +288,7 @@ def test_fp8_calibration_and_qdq_on_the_cpu(tmp_path):
     config = get_preset("tiny-t2v").replace(num_layers=8)
     torch.manual_seed(0)
     model = StaticWanTransformer(config, StaticShape(1, 3, 8, 12, 64)).eval()
-    tensors = {k: v.detach().clone() for k, v in {**dict(model.named_parameters()),
-                                                   **dict(model.named_buffers())}.items()}
+    tensors = {k: v.clone() for k, v in model.constants().items()}
     path = export_onnx(config, model.shape, tensors, torch.float32, tmp_path, 23)
     held_out = model.example_inputs(99)
     calibration = calibrate_fp8(model, [model.example_inputs(s) for s in range(3)], held_out)

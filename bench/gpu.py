@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builder.plan import forward_flops  # noqa: E402
+from builder.planning.plan import forward_flops  # noqa: E402
 from runtime.config import LatentSize, WanConfig, get_preset  # noqa: E402
 from runtime import fp8 as fp8_module  # noqa: E402
 from runtime.fp8 import quantize_fp8  # noqa: E402
@@ -153,6 +153,8 @@ def ceilings(b: Bench, tiny: bool) -> None:
     b.results["matmul_tflops"] = 2 * n**3 / (t["median_ms"] * 1e-3) / 1e12
     print(f"ceiling: {dtype} matmul {n}^3: {b.results['matmul_tflops']:.0f} TFLOP/s")
     try:
+        if dev.type != "cuda":  # torch's CPU float8 matmul is a slow reference path (minutes at 1024^3)
+            raise RuntimeError("no FP8 tensor cores on the CPU")
         xq, yq = x.to(torch.float8_e4m3fn), y.to(torch.float8_e4m3fn)
         one = torch.tensor(1.0, device=dev)
         t = b.time_ms(lambda: torch._scaled_mm(xq, yq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builder.nvfp4 import emulate, fake_quantize, global_scale, observe_input_amax  # noqa: E402
+from builder.quantize.nvfp4 import emulate, fake_quantize, global_scale, observe_input_amax  # noqa: E402
 from runtime import StaticShape, StaticWanTransformer, get_preset  # noqa: E402
 from runtime.fp8 import fp8_layer_names, kept_blocks  # noqa: E402
 
@@ -71,7 +71,7 @@ def main() -> None:
         out["nvfp4_seconds"] = time.perf_counter() - t0
 
     try:
-        from builder.quantize import calibrate_fp8
+        from builder.quantize.fp8 import calibrate_fp8
 
         t0 = time.perf_counter()
         calibration = calibrate_fp8(model, batches, held_out)

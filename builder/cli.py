@@ -6,6 +6,8 @@ WAN_BUILD_DEBUG=1 to see its traceback. Anything else is a bug and keeps its tra
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,15 +17,54 @@ import typer
 
 from runtime.errors import WanBuildError
 
+WORKFLOW = """Build fixed-shape engines of the Wan 2.x video transformer, and plan what to build.
+
+\b
+The whole workflow, on a tiny model (any machine):
+  wan-build init-weights tiny-i2v-a14b --out engines/weights/tiny-i2v-a14b
+  wan-build build profiles/tiny.yaml          # engines into engines/tiny
+  wan-build list engines/tiny
+  wan-build verify engines/tiny --print-digest
+
+\b
+Then, in Python:
+  from runtime import load_engines
+  model = load_engines("engines/tiny", trusted="sha256:...")   # the digest verify printed
+
+Paths on the command line are relative to the current folder; paths inside a profile are
+relative to the profile's own folder. WAN_BUILD_DEBUG=1 shows tracebacks of user errors.
+"""
+
 app = typer.Typer(
     name="wan-build",
-    help="Build fixed-shape engines of the Wan 2.x video transformer, and plan what to build.",
+    help=WORKFLOW,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: switches print as `--json`, not `--json <bool>`
 )
 
 T = TypeVar("T")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("wan-build")
+        except metadata.PackageNotFoundError:
+            version = "unknown (not installed)"
+        typer.echo(f"wan-build {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version,
+                                          is_eager=True)] = False,
+) -> None:
+    """Build fixed-shape engines of the Wan 2.x video transformer, and plan what to build."""
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -52,16 +93,23 @@ def plan(
 
     Example: wan-build plan --preset wan2.2-i2v-a14b --frames 81 --height 480 --width 832 --gpu h100
     """
-    from runtime.config import get_preset
+    from runtime.config import MAX_BATCH, get_preset
     from runtime.precision import PRECISIONS
 
-    from .costs import best_fit, costs, custom_gpu, find_gpu, gpu_report, serving_memory, standard_sizes
-    from .plan import plan as make_plan
+    from .planning.costs import best_fit, costs, custom_gpu, find_gpu, gpu_report, serving_memory, standard_sizes
+    from .planning.plan import plan as make_plan
 
     def go() -> list[str]:
         config = get_preset(preset)
         if precision not in PRECISIONS:
             raise WanBuildError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if not 1 <= batch <= MAX_BATCH:
+            raise WanBuildError(f"--batch {batch} must lie in 1..{MAX_BATCH} (samples per forward; 1 per CFG "
+                                "branch in diffusers)")
+        if steps is not None and not 1 <= steps <= 10_000:
+            raise WanBuildError(f"--steps {steps} must lie in 1..10000 (denoising steps per video)")
+        if gpu_memory is not None and not (math.isfinite(gpu_memory) and 0 < gpu_memory <= 100_000):
+            raise WanBuildError(f"--gpu-memory {gpu_memory} must be a GPU's memory in GB, e.g. 24")
         f, h, w = standard_sizes(config)[0]
         p = make_plan(config, frames or f, height or h, width or w, batch)
         c = costs(config, p.shape, steps)
@@ -99,7 +147,7 @@ def gpus() -> None:
 
     Example: wan-build gpus
     """
-    from .costs import gpus as table
+    from .planning.costs import gpus as table
 
     for g in table():
         support = [p for p in ("fp8", "nvfp4") if g.supports(p)]
@@ -112,13 +160,13 @@ def gpus() -> None:
 @app.command()
 def matrix(
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    markdown: Annotated[bool, typer.Option(help="A markdown table (as in the README).")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="A markdown table (as in the README).")] = False,
 ) -> None:
     """Which Wan use cases fit which GPUs, and in what precision.
 
     Example: wan-build matrix --markdown
     """
-    from . import matrix as m
+    from .planning import matrix as m
 
     table = m.compute()
     if json_out:
@@ -135,7 +183,7 @@ def presets() -> None:
     """
     from runtime.config import PRESETS
 
-    from .plan import parameter_count
+    from .planning.plan import parameter_count
 
     for name, c in PRESETS.items():
         kind = ("two experts, " if c.experts > 1 else "") + (
@@ -153,8 +201,10 @@ def init_weights(
 ) -> None:
     """Write seeded random weights of a preset in diffusers layout (for demos and CI).
 
-    Two-expert presets get `transformer/` (high noise) and `transformer_2/` (low noise).
-    Example: wan-build init-weights tiny-i2v-a14b --out weights/tiny --seed 0
+    Two-expert presets get `transformer/` (high noise) and `transformer_2/` (low noise). --out is
+    relative to the current folder; this one is where profiles/tiny.yaml looks.
+
+    Example: wan-build init-weights tiny-i2v-a14b --out engines/weights/tiny-i2v-a14b
     """
     import torch
 
@@ -167,6 +217,8 @@ def init_weights(
     def go() -> list[Path]:
         if dtype not in dtypes:
             raise WanBuildError(f"--dtype {dtype!r} is not one of {', '.join(dtypes)}")
+        if out.exists() and not out.is_dir():
+            raise WanBuildError(f"--out {out} is a file; give a folder to write the weights into")
         return write(get_preset(preset), out, seed, dtypes[dtype])
 
     for folder in _run(go):
@@ -175,26 +227,38 @@ def init_weights(
 
 @app.command()
 def build(
-    profile: Annotated[Path, typer.Argument(help="Profile YAML, e.g. profiles/tiny.yaml.")],
-    out: Annotated[Path | None, typer.Option(help="Engine folder (default: engines/<profile name>).")] = None,
-    allow_mismatch: Annotated[bool, typer.Option(
-        help="Keep engines that fail their parity check (marked in the manifest).")] = False,
+    profile: Annotated[Path, typer.Argument(help="Profile YAML, e.g. profiles/tiny.yaml (relative to the current "
+                                                 "folder; paths inside it are relative to the profile).")],
+    out: Annotated[Path | None, typer.Option(help="Engine folder (default: engines/<profile name>, relative to "
+                                                  "the current folder).")] = None,
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help=(
+        "Keep engines that fail their parity check (marked in the manifest; the runtime refuses them unless "
+        "asked)."))] = False,
+    rebuild_manifest: Annotated[bool, typer.Option("--rebuild-manifest", help=(
+        "When manifest.json is unreadable or of another format, move it aside and rebuild it from the entry "
+        "folders (each entry's files are checked); also recovers entry folders the manifest does not list."))] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON (progress goes to stderr).")] = False,
 ) -> None:
     """Build every (expert x shape x precision x backend) engine of a profile.
 
-    Entries already built and still valid are kept. Exit 1 if any entry failed.
+    Entries already built and still valid are kept; each finished entry is recorded at once, so an
+    interrupted build resumes. Progress says which entry, which stage and about how long is left.
+    Exit 1 if any entry failed.
+
     Example: wan-build build profiles/tiny.yaml --out engines/tiny
     """
     from .build import build as run_build
     from .profiles import load_profile
 
-    report = _run(lambda: run_build(load_profile(profile), out, allow_mismatch=allow_mismatch, echo=typer.echo))
-    typer.echo("")
-    typer.echo("\n".join(report.table()))
-    counts: dict[str, int] = {}
-    for r in report.results:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    typer.echo(f"{report.folder}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    echo = (lambda line: typer.echo(line, err=True)) if json_out else typer.echo
+    report = _run(lambda: run_build(load_profile(profile), out, allow_mismatch=allow_mismatch,
+                                    rebuild_manifest=rebuild_manifest, echo=echo))
+    if json_out:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        typer.echo("")
+        typer.echo("\n".join(report.table()))
+        typer.echo(f"{report.folder}: " + ", ".join(f"{n} {s}" for s, n in report.counts().items()))
     if report.failed:
         raise typer.Exit(1)
 
@@ -204,6 +268,8 @@ def list_(
     folder: Annotated[Path, typer.Argument(help="Engine folder, e.g. engines/tiny.")],
 ) -> None:
     """List the engines of a folder: expert, shape, backend, precision, size, parity.
+
+    Reads the manifest only; nothing is loaded.
 
     Example: wan-build list engines/tiny
     """
@@ -215,17 +281,36 @@ def list_(
 @app.command()
 def verify(
     folder: Annotated[Path, typer.Argument(help="Engine folder, e.g. engines/tiny.")],
+    print_digest: Annotated[bool, typer.Option("--print-digest", help=(
+        "After a passing verification, print only the manifest's digest (sha256:...) to pin with "
+        "load_engines(folder, trusted=...)."))] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
-    """Re-check every engine file's sha256 and re-run its parity check against eager.
+    """Re-hash every engine file in full, then LOAD AND RUN every engine against eager PyTorch.
 
-    Exit 1 if any engine fails.
-    Example: wan-build verify engines/tiny
+    An engine folder is code (AOTInductor packages are shared libraries, TensorRT plans can carry
+    plugins): verify loads only entries whose files match the manifest's sha256, from the bytes it
+    checked, and needs the weights the manifest names. Exit 1 if any engine fails.
+
+    Example: wan-build verify engines/tiny --print-digest
     """
     from .catalog import require_folder, verify as run_verify, verify_table
 
-    results = _run(lambda: run_verify(require_folder(folder), echo=lambda s: None))
-    typer.echo("\n".join(verify_table(results)))
-    if any(r.status == "failed" for r in results):
+    result = _run(lambda: run_verify(require_folder(folder), echo=lambda s: None))
+    if json_out:
+        typer.echo(json.dumps({"folder": str(folder), "digest": result.digest, "passed": result.passed,
+                               "entries": [{"id": r.id, "status": r.status, "detail": r.detail}
+                                           for r in result.results]}, indent=2))
+    elif print_digest and result.passed:
+        typer.echo(result.digest)
+    else:
+        typer.echo("\n".join(verify_table(result.results)))
+        if result.passed:
+            typer.echo(f"manifest digest: {result.digest} (pin it: load_engines(folder, trusted=...))")
+    if not result.passed:
+        if print_digest:
+            typer.echo("error: verification failed; no digest printed (run without --print-digest for the "
+                       "table)", err=True)
         raise typer.Exit(1)
 
 
@@ -259,7 +344,7 @@ def wizard(
 
     Example: wan-build wizard --use-case "Wan2.2 I2V 480p" --gpu h100 --yes
     """
-    from .wizard import Answers, run_wizard
+    from .planning.wizard import Answers, run_wizard
 
     def ask(question: str, default: str) -> str:
         return default if yes else typer.prompt(question, default=default)

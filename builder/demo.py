@@ -19,10 +19,10 @@ from runtime import WanTransformer, load_engines
 from runtime.errors import WanBuildError
 
 from .build import build
-from .catalog import table
-from .export import compare
+from .build.parity import compare
 from .init_weights import EXPERT_FOLDERS, init_weights
 from .profiles import load_profile
+from .tables import table
 
 
 def _ms(fn: Callable[[], torch.Tensor], repeats: int = 5) -> tuple[float, torch.Tensor]:

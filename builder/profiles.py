@@ -31,13 +31,13 @@ from typing import Any, Callable
 
 import yaml
 
-from runtime.config import TEXT_TOKENS, WanConfig, get_preset, latent_size
+from runtime.backends import BACKENDS
+from runtime.config import MAX_BATCH, MAX_TEXT_TOKENS, TEXT_TOKENS, WanConfig, get_preset, latent_size
 from runtime.errors import WanBuildError
 from runtime.precision import PRECISIONS
-from runtime.static import StaticShape, check_static_shape
+from runtime.static import StaticShape, check_build_limits, check_static_shape
 from runtime.weights import load_checkpoint
 
-BACKENDS = ("tensorrt", "onnxruntime", "aoti")
 DEVICES = ("auto", "cpu", "cuda")
 OPSETS = (20, 23)
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
@@ -168,6 +168,12 @@ def _positive(v: int) -> str | None:
     return None if v >= 1 else f"must be >= 1 (got {v})"
 
 
+def _at_most(limit: int) -> Callable[[int], str | None]:
+    def check(v: int) -> str | None:
+        return _positive(v) or (None if v <= limit else f"must be <= {limit} (got {v}); no Wan pipeline asks for more")
+    return check
+
+
 # -- loading --------------------------------------------------------------------------------------
 def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
     """Load and validate a profile. With `check_weights=False` the weights need not exist yet
@@ -179,6 +185,8 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
         raise ProfileError(f"{path}: cannot read the profile ({e})") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ProfileError(f"{path}: nested too deeply to be a profile (a profile is a few levels deep)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -198,8 +206,8 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
 
     precisions = _list_or_one(ctx, top["precision"][1], "precision", PRECISIONS)
     backends = _list_or_one(ctx, top["backends"][1], "backends", BACKENDS)
-    text_tokens = ctx.scalar(top["text_tokens"][1], "text_tokens", int, _positive) if "text_tokens" in top \
-        else TEXT_TOKENS
+    text_tokens = ctx.scalar(top["text_tokens"][1], "text_tokens", int, _at_most(MAX_TEXT_TOKENS)) \
+        if "text_tokens" in top else TEXT_TOKENS
     device = ctx.choice(top["device"][1], "device", DEVICES) if "device" in top else "auto"
     opset = ctx.choice(top["onnx_opset"][1], "onnx_opset", OPSETS) if "onnx_opset" in top else 23
     tensorrt = _tensorrt(ctx, top["tensorrt"][1]) if "tensorrt" in top else TensorRTOptions()
@@ -219,7 +227,8 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
     for i, node in enumerate(ctx.sequence(top["shapes"][1], "shapes")):
         key = f"shapes[{i}]"
         fields = ctx.mapping(node, key, ("batch", "frames", "height", "width"), ("frames", "height", "width"))
-        values = {f: ctx.scalar(fields[f][1], f"{key}.{f}", int, _positive) for f in fields}
+        values = {f: ctx.scalar(fields[f][1], f"{key}.{f}", int, _at_most(MAX_BATCH) if f == "batch" else _positive)
+                  for f in fields}
         spec = ShapeSpec(values.get("batch", 1), values["frames"], values["height"], values["width"])
         if spec in shapes:
             raise ctx.fail(node, key, f"repeats shape {spec.label()}")
@@ -227,6 +236,7 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
             shape = StaticShape.for_latent(config, spec.batch, latent_size(config, spec.frames, spec.height,
                                                                            spec.width), text_tokens)
             check_static_shape(config, shape)
+            check_build_limits(config, shape)
         except WanBuildError as e:
             raise ctx.fail(node, key, str(e)) from None
         shapes.append(spec)

@@ -20,6 +20,11 @@ from .errors import ConfigError, GeometryError
 
 TEXT_TOKENS = 512  # UMT5 context length; Wan's I2V cross-attention splits image/text at len - 512
 CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: CLS + 16 x 16 patches
+# Upper bounds on what a build or a plan may ask for: far above every Wan use (720p-81f is 75,600
+# video tokens; batch 2 holds a CFG pair), low enough that a typo cannot allocate terabytes.
+MAX_BATCH = 64
+MAX_TEXT_TOKENS = 4096
+MAX_VIDEO_TOKENS = 1 << 20  # per sample: 4x a 1080p, 121-frame video
 
 
 @dataclass(frozen=True)
@@ -122,28 +127,29 @@ class WanConfig:
             )
         if config.get("cross_attn_norm", True) is not True:
             raise ConfigError(f"{name}: cross_attn_norm=False is not a Wan 2.x model; every Wan checkpoint uses True")
-        image_dim = config.get("image_dim")
-        added_kv = config.get("added_kv_proj_dim")
-        heads = int(config.get("num_attention_heads", 40))
-        head_dim = int(config.get("attention_head_dim", 128))
+        f = _Fields(config, name)
+        image_dim = f.size("image_dim", None)
+        added_kv = f.size("added_kv_proj_dim", None)
+        heads = f.size("num_attention_heads", 40)
+        head_dim = f.size("attention_head_dim", 128)
         if image_dim is not None and added_kv not in (None, heads * head_dim):
             raise ConfigError(f"{name}: added_kv_proj_dim={added_kv} must equal the model dim {heads * head_dim}")
-        pos_len = config.get("pos_embed_seq_len")
-        in_channels = int(config.get("in_channels", 16))
-        out_channels = int(config.get("out_channels") or in_channels)
+        pos_len = f.size("pos_embed_seq_len", None)
+        in_channels = f.size("in_channels", 16)
+        out_channels = f.size("out_channels", None) or in_channels
         return cls(
             name=name,
             num_heads=heads,
             head_dim=head_dim,
-            ffn_dim=int(config.get("ffn_dim", 13824)),
-            num_layers=int(config.get("num_layers", 40)),
+            ffn_dim=f.size("ffn_dim", 13824),
+            num_layers=f.size("num_layers", 40),
             in_channels=in_channels,
             out_channels=out_channels,
-            text_dim=int(config.get("text_dim", 4096)),
-            freq_dim=int(config.get("freq_dim", 256)),
-            eps=float(config.get("eps", 1e-6)),
-            patch_size=tuple(config.get("patch_size", (1, 2, 2))),
-            rope_max_seq_len=int(config.get("rope_max_seq_len", 1024)),
+            text_dim=f.size("text_dim", 4096),
+            freq_dim=f.size("freq_dim", 256),
+            eps=f.number("eps", 1e-6),
+            patch_size=f.patch("patch_size"),
+            rope_max_seq_len=f.size("rope_max_seq_len", 1024),
             image_dim=image_dim,
             image_tokens=0 if image_dim is None else int(pos_len or CLIP_TOKENS),
             image_pos_embed=pos_len is not None,
@@ -160,30 +166,32 @@ class WanConfig:
         reads `image_dim` off the checkpoint's `img_emb` weights (None when it has none).
         """
         model_type = config.get("model_type", "t2v")
-        if model_type not in ("t2v", "i2v", "flf2v", "ti2v"):
+        if not isinstance(model_type, str) or model_type not in ("t2v", "i2v", "flf2v", "ti2v"):
             raise ConfigError(
                 f"{name}: model_type {model_type!r} is not supported; supported: t2v, i2v, flf2v, ti2v"
             )
-        if tuple(config.get("window_size", (-1, -1))) != (-1, -1):
+        window = config.get("window_size", (-1, -1))
+        if not isinstance(window, (list, tuple)) or tuple(window) != (-1, -1):
             raise ConfigError(f"{name}: window_size {config['window_size']} is not Wan's global attention (-1, -1)")
-        dim = int(config["dim"])
-        heads = int(config["num_heads"])
+        f = _Fields(config, name)
+        dim = f.size("dim")
+        heads = f.size("num_heads")
         if dim % heads:
             raise ConfigError(f"{name}: dim {dim} is not divisible by num_heads {heads}")
-        out_channels = int(config.get("out_dim", 16))
+        out_channels = f.size("out_dim", 16)
         flf2v = model_type == "flf2v"
         return cls(
             name=name,
             num_heads=heads,
             head_dim=dim // heads,
-            ffn_dim=int(config["ffn_dim"]),
-            num_layers=int(config["num_layers"]),
-            in_channels=int(config.get("in_dim", 16)),
+            ffn_dim=f.size("ffn_dim"),
+            num_layers=f.size("num_layers"),
+            in_channels=f.size("in_dim", 16),
             out_channels=out_channels,
-            text_dim=int(config.get("text_dim", 4096)),
-            freq_dim=int(config.get("freq_dim", 256)),
-            eps=float(config.get("eps", 1e-6)),
-            patch_size=tuple(config.get("patch_size", (1, 2, 2))),
+            text_dim=f.size("text_dim", 4096),
+            freq_dim=f.size("freq_dim", 256),
+            eps=f.number("eps", 1e-6),
+            patch_size=f.patch("patch_size"),
             image_dim=image_dim,
             image_tokens=0 if image_dim is None else (2 * CLIP_TOKENS if flf2v else CLIP_TOKENS),
             image_pos_embed=flf2v and image_dim is not None,
@@ -196,6 +204,42 @@ class WanConfig:
         return all(
             getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self) if f.name not in skip
         )
+
+
+class _Fields:
+    """Typed reads of a config.json, each error naming the file, the key and what it must be."""
+
+    _MISSING = object()
+
+    def __init__(self, config: Mapping[str, Any], name: str):
+        self.config, self.name = config, name
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.config.get(key, default)
+        if value is self._MISSING:
+            raise ConfigError(f"{self.name}: {key} is missing; a Wan config has it")
+        return value
+
+    def size(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default)
+        if value is None and default is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 1 << 20:
+            raise ConfigError(f"{self.name}: {key} must be a positive whole number, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self._get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+            raise ConfigError(f"{self.name}: {key} must be a small positive number (e.g. 1e-06), got {value!r}")
+        return float(value)
+
+    def patch(self, key: str) -> tuple[int, int, int]:
+        value = self._get(key, [1, 2, 2])
+        if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise ConfigError(f"{self.name}: {key} must be three positive whole numbers (e.g. [1, 2, 2]), got {value!r}")
+        return tuple(value)
 
 
 def vae_fields(out_channels: int) -> dict[str, Any]:

@@ -22,10 +22,10 @@ from .config import LatentSize, WanConfig, check_latent_size, get_preset
 from .engines import EngineSet
 from .errors import GeometryError, InputError
 from .fp8 import quantize_fp8
-from .manifest import weights_fingerprint
+from .integrity import weights_fingerprint
 from .precision import Precision
 from .static import StaticShape, StaticWanTransformer, add_parameters, parameter_shapes
-from .weights import check_tensors, load_checkpoint, materialize
+from .weights import check_tensors, load_checkpoint, materialize, parameter_dtype
 
 log = logging.getLogger("wan_build.runtime")
 
@@ -80,6 +80,8 @@ class WanTransformer(nn.Module):
         self._cache_context: str | None = None
         self._eager: OrderedDict[StaticShape, StaticWanTransformer] = OrderedDict()
         self._warned_attention_kwargs = False
+        self._warned_nonfinite = False
+        self._fp8 = False
         self.engines: EngineSet | None = None
         if tensors is None:
             add_parameters(self, config)
@@ -96,6 +98,7 @@ class WanTransformer(nn.Module):
                         preset: str | WanConfig | None = None, quantize: str | None = None,
                         fp8_scaling: str = "rowwise", engines: str | Path | None = None,
                         strict: bool = False, backends: list[str] | None = None, full_check: bool = False,
+                        trusted: str | None = None, allow_mismatch: bool = False,
                         max_cached_shapes: int = 4) -> "WanTransformer":
         """Load a diffusers or original-layout checkpoint (see `runtime.weights`), memory-mapped.
 
@@ -107,42 +110,49 @@ class WanTransformer(nn.Module):
         `engines`: an engine folder built by `wan-build build`. Its entries for these weights (by
         fingerprint), this precision and this machine serve the calls of their shapes; every other
         call falls back to eager. Entries that cannot be used are refused with a logged reason;
-        `strict=True` raises instead. `backends` limits and orders the backends tried;
-        `full_check` re-hashes engine files instead of trusting the size/mtime-keyed hash cache.
+        `strict=True` raises instead. `backends` limits and orders the backends tried. Every engine
+        file is hashed in full before its first use in this process; `full_check` also re-hashes every
+        entry's files at open. `trusted="sha256:..."` (from `wan-build verify --print-digest`) refuses
+        the folder unless its manifest is exactly the pinned one. Entries built with
+        `--allow-mismatch` are refused unless `allow_mismatch=True`, which serves them with a warning.
         """
         if isinstance(preset, str):
             preset = get_preset(preset)
+        device = check_device(device)
         checkpoint = load_checkpoint(path, subfolder=subfolder, preset=preset)
         shapes = parameter_shapes(checkpoint.config)
         check_tensors(shapes, checkpoint.tensors, str(path))
         tensors = materialize(checkpoint.tensors, shapes, torch_dtype, device)
         model = cls(checkpoint.config, tensors, max_cached_shapes=max_cached_shapes)
         model.requires_grad_(False)
-        precision = Precision.of_dtype(model.dtype).value
         if quantize is not None:
             if quantize != "fp8" or model.dtype != torch.bfloat16:
                 raise InputError(f"quantize={quantize!r} with torch_dtype={model.dtype} is not supported; "
                                  "use quantize='fp8' with torch_dtype=torch.bfloat16")
             model.quantize_fp8(fp8_scaling)
-            precision = Precision.FP8.value
         if engines is not None:
             fingerprint = weights_fingerprint(checkpoint.tensors, checkpoint.files)
-            model.engines = EngineSet.open(engines, fingerprint=fingerprint,
-                                           precision=precision,
+            model.engines = EngineSet.open(engines, fingerprint=fingerprint, precision=model.precision,
                                            device=model.device, strict=strict, backends=backends,
-                                           full_check=full_check)
+                                           full_check=full_check, trusted=trusted, allow_mismatch=allow_mismatch)
         return model.eval()
 
     def quantize_fp8(self, scaling: str = "rowwise", check_device: bool = True) -> list[str]:
         """Make the middle blocks' linear layers FP8 in place (see `runtime.fp8`); returns their names."""
         names = quantize_fp8(self, self.wan_config.num_layers, scaling, check_device=check_device)
+        self._fp8 = bool(names)
         self._drop_built()  # static models built on the bf16 layers are stale now
         return names
 
     def _apply(self, fn, recurse=True):
         # Moving or casting replaces the parameter tensors; static models built on the old ones go.
+        # A cast to 16 bits keeps diffusers' precision policy: the float32-kept tensors stay float32.
         self._drop_built()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        for name, p in self.named_parameters():
+            if p.dtype in (torch.float16, torch.bfloat16) and parameter_dtype(name, p.dtype) == torch.float32:
+                p.data = p.data.float()
+        return out
 
     def _drop_built(self) -> None:
         """Forget the eager static models and loaded engines built on the current tensors."""
@@ -158,6 +168,16 @@ class WanTransformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
+
+    @property
+    def precision(self) -> str | None:
+        """The engine precision this model runs now (follows `.to(dtype)`), None for a dtype no engine has."""
+        if self._fp8:
+            return Precision.FP8.value
+        try:
+            return Precision.of_dtype(self.dtype).value
+        except ValueError:
+            return None
 
     @contextlib.contextmanager
     def cache_context(self, name: str) -> Iterator[None]:
@@ -178,13 +198,21 @@ class WanTransformer(nn.Module):
             self._warned_attention_kwargs = True
         shape, inputs = self.prepare_inputs(hidden_states, timestep, encoder_hidden_states,
                                             encoder_hidden_states_image)
+        if not self._warned_nonfinite:
+            bad = [n for n, t in zip(("hidden_states", "timestep", "encoder_hidden_states",
+                                      "encoder_hidden_states_image"), inputs) if not bool(torch.isfinite(t).all())]
+            if bad:
+                log.warning("%s hold NaN or infinite values; the output will too (warned once per model)",
+                            ", ".join(bad))
+                self._warned_nonfinite = True
         sample = self.run(shape, inputs)
         return WanTransformerOutput(sample) if return_dict else (sample,)
 
     def run(self, shape: StaticShape, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Serve prepared inputs: the engine built for `shape`, else the eager static model."""
         if self.engines is not None:
-            engine, entry, reason = self.engines.route(shape, self.device, lambda: self._constants(shape))
+            engine, entry, reason = self.engines.route(shape, self.precision, self.device,
+                                                       lambda: self._constants(shape))
             if engine is not None:
                 self.last_route = Route(entry.backend, shape, reason)
                 return engine(*inputs)
@@ -276,12 +304,48 @@ def _tensor(name: str, value: Any, ndim: int, layout: str) -> torch.Tensor:
         raise InputError(f"{name} must be {ndim}-D {layout}, got shape {list(value.shape)}")
     if not value.is_floating_point():
         raise InputError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.is_meta:
+        raise InputError(f"{name} is on the meta device (it has shapes but no values); pass a real tensor")
     return value
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device this machine has, or an InputError naming it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device={device!r} is not a device ({str(e).splitlines()[0][:120]}); use 'cpu' or "
+                         "'cuda' / 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device={str(device)!r}, but torch sees no CUDA GPU here (torch {torch.__version__}, "
+                             f"CUDA {torch.version.cuda or 'none'}); use device='cpu' or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device={str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+    elif device.type not in ("cpu", "meta"):
+        raise InputError(f"device={str(device)!r} is not supported; use 'cpu' or 'cuda'")
+    if device.type == "meta":
+        raise InputError("device='meta' holds no values; load the model on 'cpu' or 'cuda'")
+    return device
 
 
 def _timestep(timestep: Any, batch: int, tokens: int) -> tuple[torch.Tensor, bool]:
     """Scalar, [1], [B], [B, L] or [1, L] -> [B] or [B, L] (and whether it is per token)."""
-    t = torch.as_tensor(timestep)
+    if isinstance(timestep, torch.Tensor):
+        t = timestep
+    elif isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+        t = torch.tensor(float(timestep))
+    else:
+        raise InputError(f"timestep must be a number or a tensor (a scalar, [{batch}] or [{batch}, {tokens}]), got "
+                         f"{type(timestep).__name__} {str(timestep)[:40]!r}")
+    if t.is_meta:
+        raise InputError("timestep is on the meta device (it has no values); pass a real tensor")
+    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
+        raise InputError(f"timestep must hold real numbers, got {t.dtype}")
     if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
         return t.reshape(1).expand(batch), False
     if t.ndim == 1 and t.shape[0] == batch:

@@ -1,105 +1,236 @@
 """The engines one model can use: read from an engine folder, checked, loaded on first use.
 
-`EngineSet` answers one question per call: which engine serves this static shape, or why none
-does. Every refusal (other weights, other versions, a changed file, a load failure) is logged
-with the file and the check that failed, kept in `refused`, and with `strict=True` raised.
+`EngineSet` answers one question per call: which engine serves this static shape at the model's
+current precision and device, or why none does. The answer follows the model: after `.to(dtype)`
+or a move to another device, calls go to the entries built for that precision and device.
+
+What is checked, and when:
+- at open: the manifest (format, every entry's fields; a malformed entry is refused alone), the
+  pin (`trusted`), which expert these weights are (by fingerprint), the parity gate (an entry built
+  with `--allow-mismatch` is refused unless `allow_mismatch=True`), and that each entry lists every
+  file its backend reads;
+- before an entry is first used on a device (at open for the model's own): the backend's library,
+  the tool versions and the device, then every file's size and sha256, hashed in full once per
+  process (`runtime.integrity`); code is then loaded from the very bytes checked;
+- `full_check=True`: every entry's files are re-hashed at open, whatever its precision or device,
+  so a damaged folder is reported before the first call.
+Every refusal is logged with the file and the check that failed and kept for `last_route`; with
+`strict=True` it raises. An entry that fails to load is refused and never retried in this process.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .backends import BACKENDS, Engine, load_engine, missing_library
-from .manifest import Entry, EngineError, check_entry, read_manifest, tool_versions
+from .backends import BACKENDS, Engine, backend
+from .integrity import HASHED, HashStats
+from .manifest import Entry, EngineError, Manifest, ManifestError, capability_of, check_files, read_manifest, tool_versions
 from .static import StaticShape
 
 log = logging.getLogger("wan_build.runtime")
 
 
-@dataclass
-class EngineSet:
-    folder: Path
-    expert: str
-    precision: str
-    strict: bool = False
-    by_shape: dict[StaticShape, list[Entry]] = field(default_factory=dict)
-    refused_shapes: dict[StaticShape, list[str]] = field(default_factory=dict)
-    other_precisions: dict[StaticShape, list[str]] = field(default_factory=dict)
-    _loaded: dict[str, Engine] = field(default_factory=dict)
+def _device_key(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
 
+
+class EngineSet:
+    def __init__(self, folder: Path, expert: str, entries: Sequence[Entry] = (), *, strict: bool = False,
+                 order: Sequence[str] = BACKENDS, allow_mismatch: bool = False, full_check: bool = False):
+        self.folder = Path(folder)
+        self.expert = expert
+        self.strict = strict
+        self.order = list(order)
+        self.allow_mismatch = allow_mismatch
+        self.full_check = full_check
+        self.by_shape: dict[StaticShape, list[Entry]] = {}
+        for entry in sorted(entries, key=lambda e: self.order.index(e.backend)):
+            self.by_shape.setdefault(entry.shape, []).append(entry)
+        self.refusals: dict[tuple[str, str | None], tuple[Entry, str]] = {}  # (id, device or None) -> why
+        self.folder_problem: str | None = None
+        self.malformed: dict[str, str] = {}  # manifest records refused at open: key -> reason
+        self.load_attempts: Counter[tuple[str, str]] = Counter()
+        self.verification = HashStats()  # what the checks of this set have hashed so far
+        self._checked: set[tuple[str, str]] = set()
+        self._loaded: dict[tuple[str, str], Engine] = {}
+        self._warned: set[str] = set()
+
+    # -- opening ----------------------------------------------------------------------------------
     @classmethod
-    def open(cls, folder: str | Path, *, fingerprint: str, precision: str, device: torch.device,
-             strict: bool = False, backends: Sequence[str] | None = None, full_check: bool = False) -> "EngineSet":
-        """Read `folder`'s manifest and keep the entries these weights, this precision and this
-        machine can use. The expert is the one whose weights fingerprint matches."""
+    def open(cls, folder: str | Path, *, fingerprint: str, precision: str | None, device: torch.device,
+             strict: bool = False, backends: Sequence[str] | None = None, full_check: bool = False,
+             trusted: str | None = None, allow_mismatch: bool = False) -> "EngineSet":
+        """Read `folder`'s manifest and keep this expert's entries (the one whose weights fingerprint
+        matches) of the backends asked for, checking what can be checked now."""
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        experts = manifest.get("experts", {})
-        expert = next((name for name, e in experts.items() if e.get("fingerprint") == fingerprint), None)
         order = list(backends or BACKENDS)
         unknown = [b for b in order if b not in BACKENDS]
         if unknown:
             raise EngineError(f"backends {unknown} are not known; choose from {', '.join(BACKENDS)}")
-        engines = cls(folder, expert or "?", precision, strict)
-        versions = tool_versions()
-        entries = [Entry.from_json(e) for e in manifest.get("entries", {}).values()]
-        if expert is None:
-            built = ", ".join(f"{n} {e.get('fingerprint', '')[:12]}" for n, e in experts.items())
-            for entry in entries:
-                engines.refuse(entry, f"built from other weights (experts {built}; these weights {fingerprint[:12]})")
+        before = HASHED.snapshot()
+        options = dict(strict=strict, order=order, allow_mismatch=allow_mismatch, full_check=full_check)
+        try:
+            manifest = read_manifest(folder, trusted)
+        except ManifestError as e:
+            if strict:
+                raise
+            engines = cls(folder, "?", **options)
+            engines.folder_problem = str(e)
+            log.error("engine folder %s refused: %s; every call falls back to eager", folder, e)
             return engines
-        for entry in entries:
-            if entry.expert != expert or entry.backend not in order:
-                continue  # the other expert's engines, or a backend the caller did not ask for
-            if entry.precision != precision:
-                engines.other_precisions.setdefault(entry.shape, []).append(entry.precision)
-                continue
-            reason = missing_library(entry.backend) or check_entry(
-                entry, folder, fingerprint=fingerprint, device=device, versions=versions, full=full_check)
-            if reason:
-                engines.refuse(entry, reason)
-                continue
-            engines.by_shape.setdefault(entry.shape, []).append(entry)
-        for candidates in engines.by_shape.values():
-            candidates.sort(key=lambda e: order.index(e.backend))
+        for key, reason in manifest.bad_entries.items():
+            message = f"entry {key[:40]} in {folder} refused: {reason}"
+            log.warning("%s", message)
+            if strict:
+                raise ManifestError(message)
+        malformed = dict(manifest.bad_entries)
+        if "entries" in manifest.bad_entries:  # no entry can be read at all
+            engines = cls(folder, "?", **options)
+            engines.folder_problem = f"{folder}/manifest.json: {manifest.bad_entries['entries']}"
+            return engines
+        expert = next((n for n, e in manifest.experts.items() if e.fingerprint == fingerprint), None)
+        if expert is None:  # every entry is refused, and says so to the calls of its shape
+            engines = cls(folder, "?", [e for e in manifest.entries.values() if e.backend in order], **options)
+            built = ", ".join(f"{n} {e.fingerprint[:12]}" for n, e in manifest.experts.items()) or "none"
+            for entry in manifest.entries.values():
+                engines._refuse(entry, None, f"built from other weights (experts {built}; these weights "
+                                             f"{fingerprint[:12]})")
+            return engines
+        mine = [e for e in manifest.entries.values() if e.expert == expert and e.backend in order]
+        engines = cls(folder, expert, mine, **options)
+        engines.malformed = malformed
+        engines._static_checks(manifest, fingerprint)
+        if full_check:
+            for entry in manifest.entries.values():
+                problem = check_files(entry, folder, backend(entry.backend).required_files(entry), fresh=True)
+                if problem:
+                    engines._refuse(entry, None, problem)
+        for entries in engines.by_shape.values():
+            for entry in entries:
+                if entry.precision == precision and (entry.id, None) not in engines.refusals:
+                    engines._usable(entry, device)
+        engines.verification = HASHED.since(before)
+        if engines.verification.files:
+            log.info("checked the engines of %s for %s: %s", folder, expert, engines.verification.describe())
         return engines
 
-    def refuse(self, entry: Entry, reason: str) -> None:
-        message = f"engine {entry.describe()} in {self.folder} refused: {reason}"
-        self.refused_shapes.setdefault(entry.shape, []).append(f"{entry.id} ({entry.backend}): {reason}")
+    def _static_checks(self, manifest: Manifest, fingerprint: str) -> None:
+        for entries in self.by_shape.values():
+            for entry in entries:
+                b = backend(entry.backend)
+                if entry.weights_fingerprint != fingerprint:
+                    self._refuse(entry, None, f"built from other weights (fingerprint {entry.weights_fingerprint[:12]}, "
+                                              f"these weights {fingerprint[:12]})")
+                elif entry.allow_mismatch or not entry.parity.passed:
+                    if not self.allow_mismatch:
+                        self._refuse(entry, None, f"failed its parity check at build ({entry.parity.describe()}); "
+                                                  "kept by --allow-mismatch; pass allow_mismatch=True to serve it anyway")
+                elif any(n not in entry.files for n in b.required_files(entry)):
+                    missing = [n for n in b.required_files(entry) if n not in entry.files]
+                    self._refuse(entry, None, f"the manifest lists no {', '.join(missing)} for it (incomplete record)")
+
+    # -- checks per device --------------------------------------------------------------------------
+    def _refuse(self, entry: Entry, device: str | None, reason: str) -> None:
+        self.refusals[(entry.id, device)] = (entry, reason)
+        where = f" on {device}" if device else ""
+        message = f"engine {entry.describe()} in {self.folder} refused{where}: {reason}"
         log.warning("%s; calls of its shape fall back", message)
         if self.strict:
             raise EngineError(message)
 
+    def _refusal(self, entry: Entry, device: str) -> str | None:
+        for key in ((entry.id, None), (entry.id, device)):
+            if key in self.refusals:
+                return self.refusals[key][1]
+        return None
+
+    def _usable(self, entry: Entry, device: torch.device) -> bool:
+        """Library, versions, device, files: checked once per (entry, device), refused with the reason."""
+        key = _device_key(device)
+        if self._refusal(entry, key) is not None:
+            return False
+        if (entry.id, key) in self._checked:
+            return True
+        b = backend(entry.backend)
+        before = HASHED.snapshot()
+        problem = b.missing_library() or b.compatibility(entry, torch.device(device), capability_of(device),
+                                                         tool_versions()) \
+            or check_files(entry, self.folder, b.required_files(entry))
+        spent = HASHED.since(before)
+        self.verification = HashStats(self.verification.files + spent.files, self.verification.bytes + spent.bytes,
+                                      self.verification.seconds + spent.seconds)
+        if problem:
+            self._refuse(entry, key, problem)
+            return False
+        self._checked.add((entry.id, key))
+        return True
+
+    @property
+    def refused_shapes(self) -> dict[StaticShape, list[str]]:
+        """shape -> "id (backend): reason" of every refusal so far."""
+        out: dict[StaticShape, list[str]] = {}
+        for entry, reason in self.refusals.values():
+            out.setdefault(entry.shape, []).append(f"{entry.id} ({entry.backend}): {reason}")
+        return out
+
     def release(self) -> None:
         """Drop loaded engines (their device memory too); they reload on next use."""
         for engine in self._loaded.values():
-            if hasattr(engine, "release"):
-                engine.release()
+            engine.release()
         self._loaded.clear()
 
-    def route(self, shape: StaticShape, device: torch.device,
+    # -- routing ------------------------------------------------------------------------------------
+    def route(self, shape: StaticShape, precision: str | None, device: torch.device,
               constants: Callable[[], Mapping[str, torch.Tensor]]) -> tuple[Engine | None, Entry | None, str]:
-        """(engine, entry, reason) for `shape`; engine is None when the call must fall back."""
-        for entry in list(self.by_shape.get(shape, [])):
-            engine = self._loaded.get(entry.id)
+        """(engine, entry, reason) for `shape` at `precision` on `device`; engine is None when the call
+        must fall back."""
+        engine, entry, reason = self._route(shape, precision, device, constants)
+        if engine is None and self.malformed:
+            key, why = next(iter(self.malformed.items()))
+            more = f" and {len(self.malformed) - 1} more" if len(self.malformed) > 1 else ""
+            reason += f"; malformed manifest records were refused: {key[:40]}: {why}{more}"
+        return engine, entry, reason
+
+    def _route(self, shape: StaticShape, precision: str | None, device: torch.device,
+               constants: Callable[[], Mapping[str, torch.Tensor]]) -> tuple[Engine | None, Entry | None, str]:
+        if self.folder_problem:
+            return None, None, f"engine folder refused: {self.folder_problem}"
+        key = _device_key(device)
+        candidates = self.by_shape.get(shape, [])
+        mine = [e for e in candidates if e.precision == precision]
+        if not mine:
+            if candidates:
+                there = ", ".join(sorted({e.precision for e in candidates}))
+                return None, None, f"engines for this shape are {there}, this model runs {precision or 'unsupported dtype'}"
+            return None, None, f"no engine built for this shape ({len(self.by_shape)} usable shapes in {self.folder})"
+        for entry in mine:
+            engine = self._loaded.get((entry.id, key))
             if engine is None:
-                try:
-                    engine = load_engine(entry, self.folder, device, constants())
-                except Exception as e:  # a library's own error: report it and fall back
-                    self.by_shape[shape].remove(entry)
-                    self.refuse(entry, f"failed to load ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                if not self._usable(entry, device):
                     continue
-                self._loaded[entry.id] = engine
+                self.load_attempts[(entry.id, key)] += 1
+                try:
+                    engine = backend(entry.backend).load(entry, self.folder, torch.device(device), constants())
+                except Exception as e:  # a library's own error: report it, fall back, never retry
+                    first = (str(e).strip().splitlines() or [""])[0][:200]
+                    self._refuse(entry, key, f"failed to load ({type(e).__name__}: {first})")
+                    continue
+                self._loaded[(entry.id, key)] = engine
+            if entry.allow_mismatch or not entry.parity.passed:
+                if entry.id not in self._warned:
+                    log.warning("serving engine %s although it failed its parity check at build (%s)",
+                                entry.describe(), entry.parity.describe())
+                    self._warned.add(entry.id)
+                return engine, entry, (f"engine {entry.id} ({entry.backend}, {entry.precision}) built for this shape, "
+                                       f"SERVED DESPITE FAILED PARITY ({entry.parity.describe()})")
             return engine, entry, f"engine {entry.id} ({entry.backend}, {entry.precision}) built for this shape"
-        if shape in self.refused_shapes:
-            return None, None, "engine for this shape refused: " + "; ".join(self.refused_shapes[shape])
-        if shape in self.other_precisions:
-            return None, None, (f"engines for this shape are {', '.join(sorted(set(self.other_precisions[shape])))}, "
-                                f"this model runs {self.precision}")
-        return None, None, f"no engine built for this shape ({len(self.by_shape)} usable shapes in {self.folder})"
+        reasons = [f"{e.id} ({e.backend}): {self._refusal(e, key)}" for e in mine if self._refusal(e, key)]
+        return None, None, "engine for this shape refused: " + "; ".join(reasons)

@@ -69,17 +69,23 @@ class WanExpertRouter(nn.Module):
 
 
 def load_engines(folder: str | Path, torch_dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                 **kwargs: Any) -> WanTransformer | WanExpertRouter:
-    """Open an engine folder with the weights its manifest names: one front, or a router over two."""
-    manifest = read_manifest(Path(folder))
-    experts = manifest.get("experts", {})
+                 trusted: str | None = None, **kwargs: Any) -> WanTransformer | WanExpertRouter:
+    """Open an engine folder with the weights its manifest names: one front, or a router over two.
+
+    `trusted="sha256:..."` pins the manifest (`wan-build verify FOLDER --print-digest`): a folder whose
+    manifest is not that one raises before anything it names is read. Other keywords go to
+    `WanTransformer.from_pretrained`."""
+    manifest = read_manifest(Path(folder), trusted)
+    experts = manifest.experts
 
     def front(name: str) -> WanTransformer:
         if name not in experts:
             raise EngineError(f"{folder}: the manifest has no {name} expert (it has {', '.join(experts) or 'none'})")
-        return WanTransformer.from_pretrained(experts[name]["weights"], torch_dtype, device=device, engines=folder,
-                                              **kwargs)
+        return WanTransformer.from_pretrained(experts[name].weights, torch_dtype, device=device, engines=folder,
+                                              trusted=trusted, **kwargs)
 
     if "high_noise" in experts or "low_noise" in experts:
-        return WanExpertRouter(front("high_noise"), front("low_noise"), manifest["boundary"])
+        if manifest.boundary is None:
+            raise EngineError(f"{folder}: the manifest has two experts but no boundary")
+        return WanExpertRouter(front("high_noise"), front("low_noise"), manifest.boundary)
     return front("main")

@@ -38,15 +38,14 @@ class Fp8Unsupported(WanBuildError):
 
 
 def check_fp8_device(device: torch.device | str) -> None:
-    """Refuse FP8 on the CPU and on GPUs without FP8 tensor cores (compute capability < 8.9)."""
+    """Refuse FP8 on the CPU and on GPUs without FP8 tensor cores (the minimum is in runtime.precision)."""
+    from .precision import Precision
+
     device = torch.device(device)
-    if device.type != "cuda":
-        raise Fp8Unsupported(f"FP8 linear layers need an NVIDIA GPU with FP8 tensor cores (Ada, Hopper, Blackwell); "
-                             f"this model is on {device.type}. Use bf16 here.")
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise Fp8Unsupported(f"FP8 linear layers need compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
-                             f"{torch.cuda.get_device_name(device)} is {major}.{minor}. Use bf16 on this GPU.")
+    capability = tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+    problem = Precision.FP8.hardware_problem(device, capability)
+    if problem:
+        raise Fp8Unsupported(f"FP8 linear layers: {problem}. Use bf16 here.")
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TEXT_TOKENS, LatentSize, WanConfig, check_latent_size
+from .config import MAX_BATCH, MAX_TEXT_TOKENS, MAX_VIDEO_TOKENS, TEXT_TOKENS, LatentSize, WanConfig, check_latent_size
 from .errors import GeometryError
 
 
@@ -78,6 +78,20 @@ def check_static_shape(config: WanConfig, shape: StaticShape) -> None:
             problems.append(f"{config.name} needs {want or 'some'} image tokens (got {shape.image_tokens})")
     if problems:
         raise GeometryError("; ".join(problems))
+
+
+def check_build_limits(config: WanConfig, shape: StaticShape) -> None:
+    """Raise GeometryError if `shape` asks for more than any Wan use (the limits in `runtime.config`)."""
+    problems = []
+    if shape.batch > MAX_BATCH:
+        problems.append(f"batch {shape.batch} is over {MAX_BATCH}")
+    if shape.text_tokens > MAX_TEXT_TOKENS:
+        problems.append(f"text_tokens {shape.text_tokens} is over {MAX_TEXT_TOKENS}")
+    if shape.tokens(config) > MAX_VIDEO_TOKENS:
+        problems.append(f"{shape.tokens(config):,} video tokens per sample is over {MAX_VIDEO_TOKENS:,} (about 4x "
+                        "a 1080p, 121-frame video)")
+    if problems:
+        raise GeometryError("; ".join(problems) + "; no Wan pipeline asks for that much")
 
 
 @dataclass(frozen=True)

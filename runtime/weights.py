@@ -92,14 +92,20 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             header = json.loads(f.read(header_len))
     except (OSError, ValueError, struct.error) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     base = 8 + header_len
+    entries = {}
+    for name, info in header.items():
+        problem = _header_problem(info)
+        if problem:
+            raise WeightsError(f"{path}: tensor {name!r} has a malformed header entry ({problem}); the file is "
+                               "damaged or not a safetensors file")
+        entries[name] = (_DTYPES.get(info["dtype"]), tuple(info["shape"]), *info["data_offsets"])
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if size else None
     tensors = {}
-    for name, info in header.items():
-        dtype = _DTYPES.get(info.get("dtype"))
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
+    for name, (dtype, shape, start, end) in entries.items():
         if dtype is None or base + end > size:
             raise WeightsError(f"{path}: tensor {name!r} has an unknown dtype or lies past the end of the file")
         nbytes = end - start
@@ -116,6 +122,22 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             t = raw.clone().view(dtype).reshape(shape)
         tensors[name] = t
     return tensors
+
+
+def _header_problem(info) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    def ints(v, n=None):
+        return isinstance(v, list) and (n is None or len(v) == n) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+    if not isinstance(info, dict):
+        return "not an object"
+    if not isinstance(info.get("dtype"), str):
+        return "no dtype"
+    if not ints(info.get("shape")):
+        return "shape is not a list of sizes"
+    if not ints(info.get("data_offsets"), 2) or info["data_offsets"][0] > info["data_offsets"][1]:
+        return "data_offsets is not [start, end]"
+    return None
 
 
 def _read_files(files: Iterable[Path]) -> dict[str, torch.Tensor]:
@@ -232,16 +254,18 @@ def load_checkpoint(path: str | Path, *, subfolder: str | None = None, preset: W
         raise WeightsError(f"{path}: no config.json (a diffusers or original Wan transformer folder has one)")
     try:
         raw = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{config_path}: not valid JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise WeightsError(f"{config_path}: not valid JSON ({str(e)[:120]})") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{config_path}: not a model config (a JSON object)")
     original = raw.get("_class_name") == "WanModel" or "dim" in raw
     if not original:  # check the config before touching any weights
-        config = WanConfig.from_diffusers(raw, name=str(path))
+        config = WanConfig.from_diffusers(raw, name=str(config_path))
     files = _safetensors_in(path)
     tensors, layout = _diffusers_named(_read_files(files))
     if original:
         norm = tensors.get("condition_embedder.image_embedder.norm1.weight")
-        config = WanConfig.from_original(raw, image_dim=None if norm is None else norm.shape[0], name=str(path))
+        config = WanConfig.from_original(raw, image_dim=None if norm is None else norm.shape[0], name=str(config_path))
     config = _named(config, preset, path)
     return Checkpoint(config, tensors, layout, files)
 

@@ -55,3 +55,50 @@ def make_inputs(config, batch: int, latent: tuple[int, int, int], seed: int = 0,
         rows = batch * (2 if config.image_pos_embed else 1)
         image = torch.randn(rows, 257, config.image_dim, generator=g)
     return x, t, ctx, image
+
+
+def stand_in_for_tensorrt(monkeypatch, engine, version: str = "11.4.0.106", gpu: dict | None = None):
+    """Build tensorrt entries here: TensorRT's two calls replaced. The plan writer writes a few bytes
+    and returns a BuildInfo; `engine(entry, plan_path, constants)` returns the callable that plays
+    the plan (e.g. the entry's ONNX in ONNX Runtime). `gpu` replaces the build device's description."""
+    import builder.backends.tensorrt as trt_builder
+
+    def build_plan(onnx_path, plan_path, options, cache_dir, gpu_name, cc):
+        plan_path.write_bytes(b"stripped plan")
+        return trt_builder.BuildInfo(version, "always (TensorRT 11)", options.optimization_level, None,
+                                     options.hardware_compatibility, options.strip_weights, False,
+                                     str(cache_dir / "t.cache"), 0, 10, 0.1, 13, [])
+
+    class Played:
+        def __init__(self, entry, plan_path, plan, device, constants, *, built_with, built_for, options):
+            assert built_with == version and plan == b"stripped plan"
+            self.options = options
+            self.play = engine(entry, plan_path, constants)
+
+        def __call__(self, *inputs):
+            return self.play(*inputs)
+
+    monkeypatch.setattr(trt_builder, "build_plan", build_plan)
+    monkeypatch.setattr(trt_builder.TensorRTBuilder, "unavailable", lambda self, precision, device: None)
+    monkeypatch.setattr(trt_builder, "TensorRTEngine", Played)
+    if gpu is not None:
+        monkeypatch.setattr(trt_builder, "device_info", lambda device: gpu)
+    return trt_builder
+
+
+def make_entry(config, shape, backend: str = "aoti", precision: str = "fp32", **fields):
+    """A valid manifest entry of `config` at `shape`, for tests that write manifests by hand."""
+    from runtime.backends import input_infos
+    from runtime.manifest import Entry, ParityInfo
+    from runtime.precision import Precision
+    from runtime.static import StaticWanTransformer
+
+    with torch.device("meta"):
+        model = StaticWanTransformer(config, shape)
+    dtype = Precision(precision).dtype
+    values = dict(id="0123456789abcdef", backend=backend, precision=precision, expert="main", shape=shape, video=None,
+                  tokens=shape.tokens(config), inputs=input_infos(model.input_specs(dtype)),
+                  outputs=input_infos([model.output_spec(dtype)]), files={}, versions={}, device={"type": "cpu"},
+                  weights_fingerprint="0" * 64, parity=ParityInfo(0.0, 0.0, 1.0, 1e-5))
+    values.update(fields)
+    return Entry(**values)

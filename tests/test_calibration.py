@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from builder.calibration import CalibrationError, calls_for, load_calls
+from builder.quantize.calibration import CalibrationError, calls_for, load_calls
 from builder.profiles import load_profile
 from runtime import StaticShape, get_preset
 from runtime.capture import capture_calls
@@ -68,8 +68,8 @@ def test_calibrated_fp8_entry_through_the_build(tmp_path, monkeypatch):
     """An fp8 TensorRT entry calibrates with Model Optimizer on the recorded calls (not the fixed-seed
     inputs), its id depends on them, and a profile whose calls miss a shape stops before building."""
     pytest.importorskip("modelopt")
-    import builder.build as build_module
-    import builder.quantize as quantize_module
+    import builder.backends.tensorrt as trt_builder
+    import builder.quantize.fp8 as fp8_module
     from builder.build import build
     from builder.init_weights import init_weights
     from runtime import WanTransformer
@@ -80,21 +80,21 @@ def test_calibrated_fp8_entry_through_the_build(tmp_path, monkeypatch):
     _record(front, tmp_path / "calib", config, [(2, 4, 6)] * 3, [900.0, 500.0, 100.0])
 
     seen_batches = []
-    real_calibrate = quantize_module.calibrate_fp8
+    real_calibrate = fp8_module.calibrate_fp8
 
     def spy(model, batches, held_out):
         batches = list(batches)
         seen_batches.extend(batches)
         return real_calibrate(model, batches, held_out)
 
-    monkeypatch.setattr(build_module, "calibrate_fp8", spy)
-    monkeypatch.setattr(build_module, "unavailable", lambda entry, device: None)
+    monkeypatch.setattr(trt_builder, "calibrate_fp8", spy)
+    monkeypatch.setattr(trt_builder.TensorRTBuilder, "unavailable", lambda self, precision, device: None)
 
-    def tensorrt_entry(entry, model, inputs, profile, folder, device, extra):
-        path, reference = build_module.prepare_tensorrt_onnx(entry, model, inputs, profile, folder, extra)
+    def tensorrt_entry(self, job):
+        path, reference = trt_builder.prepare_tensorrt_onnx(job)
         return reference, reference  # what a perfect engine returns: the parity gate is not under test
 
-    monkeypatch.setattr(build_module, "_tensorrt", tensorrt_entry)
+    monkeypatch.setattr(trt_builder.TensorRTBuilder, "build", tensorrt_entry)
     profile_text = ("name: t\nmodel: {weights: w}\nprecision: fp8\nbackends: [tensorrt]\n"
                     "shapes:\n  - {frames: 5, height: 32, width: 48}\n")
     (tmp_path / "p.yaml").write_text(profile_text + "calibration: calib\n")
@@ -104,7 +104,7 @@ def test_calibrated_fp8_entry_through_the_build(tmp_path, monkeypatch):
     assert len(seen_batches) == 3
     assert sorted(float(b[1][0]) for b in seen_batches) == [100.0, 500.0, 900.0]  # the recorded timesteps
     entry = next(iter(json.loads((tmp_path / "out" / "manifest.json").read_text())["entries"].values()))
-    assert entry["calibration_calls"] == ["call-0000.safetensors", "call-0001.safetensors", "call-0002.safetensors"]
+    assert entry["build"]["calibration_calls"] == ["call-0000.safetensors", "call-0001.safetensors", "call-0002.safetensors"]
     assert entry["quantization_error"]["batches"] == 3
 
     seen_batches.clear()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from builder.plan import forward_flops, parameter_count, plan
+from builder.planning.plan import forward_flops, parameter_count, plan
 from runtime.config import PRESETS, WanConfig, get_preset, latent_size
 from runtime.errors import ConfigError, GeometryError
 

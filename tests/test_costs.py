@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.costs import (activation_bytes, best_fit, build_memory, costs, custom_gpu, find_gpu, floor_seconds,
+from builder.planning.costs import (activation_bytes, best_fit, build_memory, costs, custom_gpu, find_gpu, floor_seconds,
                            serving_memory)
-from builder.plan import weight_bytes
+from builder.planning.plan import weight_bytes
 from runtime import StaticShape, get_preset, latent_size
 from runtime.errors import WanBuildError
 

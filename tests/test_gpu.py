@@ -121,10 +121,10 @@ def test_nvfp4_calibration_with_model_optimizer(tmp_path, dtype):
     are first estimates, set before this ran on a GPU (the CPU run of the same arithmetic gave a
     2.7% error against the unquantized model)."""
     pytest.importorskip("modelopt")
-    from builder.export import export_onnx
-    from builder.nvfp4 import insert_nvfp4_qdq
-    from builder.onnx_check import check_for_tensorrt
-    from builder.quantize import calibrate_nvfp4
+    from builder.build.export import export_onnx
+    from builder.quantize.nvfp4 import insert_nvfp4_qdq
+    from builder.build.onnx_check import check_for_tensorrt
+    from builder.quantize.nvfp4 import calibrate_nvfp4
     from runtime import StaticShape, StaticWanTransformer
 
     config = get_preset("tiny-t2v").replace(num_layers=8)

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from builder.export import export_onnx
-from builder.nvfp4 import (BLOCK, DYNAMIC_QUANTIZE, FP4_DATA, TRT_DOMAIN, Nvfp4Error, dequantize, e2m1_decode,
+from builder.build.export import export_onnx
+from builder.quantize.nvfp4 import (BLOCK, DYNAMIC_QUANTIZE, FP4_DATA, TRT_DOMAIN, Nvfp4Error, dequantize, e2m1_decode,
                            emulate, global_scale, insert_nvfp4_qdq, observe_input_amax, pack, quantize)
-from builder.onnx_check import GraphCheckError, check_for_tensorrt
-from builder.quantize import QuantizeError, calibrate_nvfp4
+from builder.build.onnx_check import GraphCheckError, check_for_tensorrt
+from builder.quantize.nvfp4 import QuantizeError, calibrate_nvfp4
 from runtime import StaticShape, StaticWanTransformer, get_preset
 from runtime.fp8 import fp8_layer_names
+
+from .conftest import stand_in_for_tensorrt
 
 
 def test_e2m1_rounding_by_hand():
@@ -181,12 +183,10 @@ def test_nvfp4_entries_through_the_build(tmp_path, monkeypatch):
     import onnx
     from onnx.reference import ReferenceEvaluator
 
-    import builder.build as build_module
-    from builder import tensorrt as trt_builder
     from builder.build import build
     from builder.init_weights import init_weights
     from builder.profiles import load_profile
-    from builder.quantize import Nvfp4Calibration
+    from builder.quantize.nvfp4 import Nvfp4Calibration
 
     def max_calibration(model, batches, held_out):
         names = fp8_layer_names(model, model.config.num_layers)
@@ -196,32 +196,24 @@ def test_nvfp4_entries_through_the_build(tmp_path, monkeypatch):
         ref = model(*held_out)
         return Nvfp4Calibration(amax, ((ours - ref).norm() / ref.norm()).item(), float("nan"), 4, ours)
 
-    def fake_build_plan(onnx_path, plan_path, options, cache_dir, gpu_name, cc):
-        plan_path.write_bytes(b"plan")
-        return trt_builder.BuildInfo("11.4.0.106", "always (TensorRT 11)", 3, None, "none", True, False,
-                                     str(cache_dir / "t.cache"), 0, 1, 0.1, 4, [])
+    def reference_engine(entry, plan_path, constants):
+        # onnx.load refuses external-data files with several hard links; read private copies
+        private = tmp_path / "private"
+        shutil.rmtree(private, ignore_errors=True)
+        shutil.copytree(Path(plan_path).parent, private)
+        graph = onnx.load(str(private / "model.onnx"))
+        names = [i.name for i in graph.graph.input]
+        run = ReferenceEvaluator(graph, new_ops=[_Fp4DynamicQuantize.op()]).run
 
-    class ReferenceAsTensorRT:
-        def __init__(self, plan_path, device, constants, **_):
-            # onnx.load refuses external-data files with several hard links; read private copies
-            private = tmp_path / "private"
-            shutil.rmtree(private, ignore_errors=True)
-            shutil.copytree(Path(plan_path).parent, private)
-            graph = onnx.load(str(private / "model.onnx"))
-            self.names = [i.name for i in graph.graph.input]
-            self.constants = constants
-            self.run = ReferenceEvaluator(graph, new_ops=[_Fp4DynamicQuantize.op()]).run
+        def play(*inputs):
+            values = list(inputs) + [constants[n] for n in names[len(inputs):]]
+            feeds = {n: _numpy(v) for n, v in zip(names, values)}
+            return torch.from_numpy(run(None, feeds)[0].astype(np.float32)).to(inputs[0].dtype)
+        return play
 
-        def __call__(self, *inputs):
-            values = list(inputs) + [self.constants[n] for n in self.names[len(inputs):]]
-            feeds = {n: _numpy(v) for n, v in zip(self.names, values)}
-            return torch.from_numpy(self.run(None, feeds)[0].astype(np.float32)).to(inputs[0].dtype)
-
-    monkeypatch.setattr(build_module, "calibrate_nvfp4", max_calibration)
-    monkeypatch.setattr(build_module, "build_plan", fake_build_plan)
-    monkeypatch.setattr(build_module, "unavailable", lambda entry, device: None)
-    monkeypatch.setattr(build_module, "device_info", lambda device: {"name": "B200", "compute_capability": "10.0"})
-    monkeypatch.setattr("runtime.backends.tensorrt.TensorRTEngine", ReferenceAsTensorRT)
+    trt_builder = stand_in_for_tensorrt(monkeypatch, reference_engine,
+                                        gpu={"type": "cuda", "name": "B200", "compute_capability": "10.0"})
+    monkeypatch.setattr(trt_builder, "calibrate_nvfp4", max_calibration)
     init_weights(get_preset("tiny-t2v").replace(num_layers=4), tmp_path / "w", seed=2)
     (tmp_path / "p.yaml").write_text("name: t\nmodel: {weights: w}\nprecision: nvfp4\nbackends: [tensorrt]\n"
                                      "shapes:\n  - {frames: 5, height: 32, width: 48}\n"
@@ -231,7 +223,7 @@ def test_nvfp4_entries_through_the_build(tmp_path, monkeypatch):
     entries = json.loads((tmp_path / "out" / "manifest.json").read_text())["entries"].values()
     for entry in entries:
         assert set(entry["files"]) == {"engine.plan", "model.onnx", "model.onnx.data", FP4_DATA, "parity.json"}
-        assert entry["onnx_check"]["fp4"] == 20  # blocks 1 and 2 of 4 (0 and 3 stay 16-bit), 10 linears each
+        assert entry["build"]["onnx_check"]["fp4"] == 20  # blocks 1 and 2 of 4 (0 and 3 stay 16-bit), 10 linears each
         # bf16: rounding differences upstream flip some FP4 codes, so engine and emulation differ by a
         # few percent (measured 7.9-8.1% here, on 48 tokens); the nvfp4 parity tolerance is 10%
         assert entry["parity"]["passed"] and entry["parity"]["cosine"] > 0.99

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.matrix import USE_CASES, compute, render_markdown
+from builder.planning.matrix import USE_CASES, compute, render_markdown
 from builder.profiles import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]

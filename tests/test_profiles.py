@@ -78,7 +78,7 @@ BAD = [
     (VALID.replace("precision: [fp32, fp16]", "precision: [fp32, int8]"),
      r"p.yaml:8: precision: 'int8' is not allowed; allowed: fp32, fp16, bf16, fp8, nvfp4"),
     (VALID.replace("backends: [onnxruntime, aoti]", "backends: [onnx]"),
-     r"p.yaml:9: backends: 'onnx' is not allowed; allowed: tensorrt, onnxruntime, aoti"),
+     r"p.yaml:9: backends: 'onnx' is not allowed; allowed: tensorrt, aoti, onnxruntime"),
     (VALID.replace("frames: 9,", "frames: 8,"), r"p.yaml:11: shapes\[0\]: frames=8 is not 4k\+1.*5 or 9"),
     (VALID.replace("height: 64, width: 96}", "height: 60, width: 96}"),
      r"shapes\[0\]: height=60 is not a multiple of 16.*48 or 64"),

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from builder import tensorrt as trt_builder
-from builder.export import export_onnx
-from builder.onnx_check import GraphCheckError, check_for_tensorrt
+from builder.backends import tensorrt as trt_builder
+from builder.build.export import export_onnx
+from builder.build.onnx_check import GraphCheckError, check_for_tensorrt
 from builder.profiles import TensorRTOptions
 from runtime import StaticShape, StaticWanTransformer, get_preset
 from runtime.backends.tensorrt import compatibility_problem
@@ -66,7 +66,7 @@ def missing_names(used: set[str], version: str) -> list[str]:
 
 @pytest.mark.parametrize("version", ["10.16.1.11", "11.4.0.106"])
 def test_every_tensorrt_name_we_use_exists_in_the_official_bindings(version):
-    used = names_used(ROOT / "builder" / "tensorrt.py") | names_used(ROOT / "runtime" / "backends" / "tensorrt.py")
+    used = names_used(ROOT / "builder" / "backends" / "tensorrt.py") | names_used(ROOT / "runtime" / "backends" / "tensorrt.py")
     assert {"build_serialized_network", "STRIP_PLAN", "execute_async_v3", "OnnxParserRefitter"} <= used
     assert len(used) > 40
     missing = missing_names(used, version)
@@ -269,7 +269,7 @@ def test_diffusers_own_export_would_be_refused(tmp_path):
     ref = diffusers.WanTransformer3DModel(**{k: v for k, v in config.to_diffusers().items()
                                              if not k.startswith("_")}).eval()
     args = (torch.randn(1, 16, 2, 4, 6), torch.tensor([500.0]), torch.randn(1, 8, config.text_dim))
-    from builder.export import quiet_torch
+    from builder.build.export import quiet_torch
 
     with quiet_torch():
         program = torch.onnx.export(ref, args, dynamo=True, opset_version=23)
@@ -282,8 +282,10 @@ def test_diffusers_own_export_would_be_refused(tmp_path):
 def test_fp8_calibration_and_qdq_on_the_cpu(tmp_path):
     """Model Optimizer calibrates on the CPU; our Q/DQ graph computes what its fake quantization does."""
     pytest.importorskip("modelopt")
-    from builder.quantize import calibrate_fp8, insert_fp8_qdq
+    from builder.quantize.fp8 import calibrate_fp8, insert_fp8_qdq
     from runtime.backends.onnxruntime import OnnxRuntimeEngine
+
+    from .conftest import make_entry
 
     config = get_preset("tiny-t2v").replace(num_layers=8)
     torch.manual_seed(0)
@@ -297,7 +299,8 @@ def test_fp8_calibration_and_qdq_on_the_cpu(tmp_path):
     assert insert_fp8_qdq(path, calibration, torch.float32) == 40
     counts = check_for_tensorrt(path, config)
     assert counts["qdq"] == 40
-    out = OnnxRuntimeEngine(path, torch.device("cpu"), tensors)(*held_out)
+    entry = make_entry(config, model.shape, "onnxruntime")
+    out = OnnxRuntimeEngine(entry, path, torch.device("cpu"), tensors)(*held_out)
     with torch.no_grad():
         fake_quantized = model(*held_out)
     assert ((out - fake_quantized).norm() / fake_quantized.norm()).item() < 1e-5
@@ -319,28 +322,31 @@ def test_plans_are_refused_before_deserializing():
 def test_a_tensorrt_entry_is_refused_without_tensorrt_and_calls_fall_back(tmp_path):
     from builder.init_weights import init_weights
     from runtime import WanTransformer
-    from runtime.manifest import FORMAT, weights_fingerprint
+    from runtime.integrity import weights_fingerprint
+    from runtime.manifest import ExpertRecord, FileInfo, Manifest
     from runtime.weights import load_checkpoint
+
+    from .conftest import make_entry
 
     config = get_preset("tiny-t2v")
     init_weights(config, tmp_path / "w", seed=1)
     ckpt = load_checkpoint(tmp_path / "w")
     fp = weights_fingerprint(ckpt.tensors, ckpt.files)
-    shape = {"batch": 1, "latent_frames": 1, "latent_height": 2, "latent_width": 2, "text_tokens": 8,
-             "image_tokens": 0, "per_token_timesteps": False}
-    entry = {"id": "abc", "backend": "tensorrt", "precision": "fp32", "expert": "main", "shape": shape, "files": {},
-             "versions": {"tensorrt": "11.4.0.106"}, "device": {"type": "cuda", "compute_capability": "9.0"},
-             "weights_fingerprint": fp, "parity": {"relative": 0.0}}
+    shape = StaticShape(1, 1, 2, 2, 8)
+    entry = make_entry(config, shape, "tensorrt", id="abcdef0123456789", weights_fingerprint=fp,
+                       versions={"tensorrt": "11.4.0.106"},
+                       device={"type": "cuda", "name": "H200", "compute_capability": "9.0"},
+                       files={"engine.plan": FileInfo("0" * 64, 4)})
     (tmp_path / "e").mkdir()
-    (tmp_path / "e" / "manifest.json").write_text(json.dumps(
-        {"format": FORMAT, "experts": {"main": {"fingerprint": fp}}, "entries": {"abc": entry}}))
+    manifest = Manifest("t", {"main": ExpertRecord(str(tmp_path / "w"), fp, "diffusers", {})}, {entry.id: entry})
+    (tmp_path / "e" / "manifest.json").write_bytes(manifest.to_bytes())
     model = WanTransformer.from_pretrained(tmp_path / "w", engines=tmp_path / "e")
-    [(refused_shape, reasons)] = model.engines.refused_shapes.items()
-    assert refused_shape == StaticShape(1, 1, 2, 2, 8) and reasons == ["abc (tensorrt): tensorrt is not installed "
-                                                                       "(pip install tensorrt on an NVIDIA GPU machine)"]
     with torch.no_grad():
         model(torch.randn(1, 16, 1, 2, 2), torch.tensor([1.0]), torch.randn(1, 8, config.text_dim))
     assert model.last_route.backend == "eager" and "tensorrt is not installed" in model.last_route.reason
+    [(refused_shape, reasons)] = model.engines.refused_shapes.items()
+    assert refused_shape == shape and reasons == ["abcdef0123456789 (tensorrt): tensorrt is not installed "
+                                                  "(pip install tensorrt on an NVIDIA GPU machine)"]
 
 
 @pytest.mark.tensorrt
@@ -374,8 +380,12 @@ def test_doctor_reports_this_machine():
     assert out.startswith("python") and "torch        " in out and "ONNX Runtime" in out
     if not HAS_TRT:
         assert "TensorRT     not installed. On an NVIDIA GPU machine" in out and "pip install tensorrt-cu12" in out
-        assert "tensorrt     no (TensorRT not installed)" in out
-    assert "onnxruntime  fp32, fp16" in out and "aoti" in out
+        assert "tensorrt     no (tensorrt is not installed" in out
+    if not torch.cuda.is_available():
+        # from the backends' own rules: ONNX Runtime's CPU provider has no bf16, AOTInductor no FP8 on the CPU
+        rows = {line.split()[0]: line for line in out.splitlines()[-3:]}
+        assert rows["onnxruntime"].split()[1:3] == ["fp32,", "fp16"] and "bf16" not in rows["onnxruntime"]
+        assert "fp32, fp16, bf16" in rows["aoti"] and "fp8" not in rows["aoti"]
 
 
 def test_tensorrt_entries_are_skipped_with_the_reason(tmp_path):
@@ -398,32 +408,20 @@ def test_tensorrt_build_path_around_the_library(tmp_path, monkeypatch):
     """The whole tensorrt entry (export, graph check, plan, load, parity, manifest) with TensorRT's two
     calls replaced: the plan writer records its inputs, the 'engine' runs the entry's ONNX in ONNX
     Runtime. FP32, so ONNX Runtime can run it on the CPU."""
-    import builder.build as build_module
     from builder.build import build
     from builder.init_weights import init_weights
     from builder.profiles import load_profile
     from runtime.backends.onnxruntime import OnnxRuntimeEngine
 
+    from .conftest import stand_in_for_tensorrt
+
     seen = {}
 
-    def fake_build_plan(onnx_path, plan_path, options, cache_dir, gpu_name, cc):
-        seen.update(onnx=Path(onnx_path), options=options)
-        plan_path.write_bytes(b"stripped plan")
-        return trt_builder.BuildInfo("11.4.0.106", "always (TensorRT 11)", options.optimization_level, None,
-                                     options.hardware_compatibility, options.strip_weights, False,
-                                     str(cache_dir / "t.cache"), 0, 10, 0.1, 13, [])
+    def ort_engine(entry, plan_path, constants):
+        seen.update(onnx=Path(plan_path).with_name("model.onnx"))
+        return OnnxRuntimeEngine(entry, Path(plan_path).with_name("model.onnx"), torch.device("cpu"), constants)
 
-    class OrtAsTensorRT:
-        def __init__(self, plan_path, device, constants, *, built_with, built_for, options):
-            assert built_with == "11.4.0.106" and options["strip_weights"] is True
-            self.engine = OnnxRuntimeEngine(Path(plan_path).with_name("model.onnx"), torch.device("cpu"), constants)
-
-        def __call__(self, *inputs):
-            return self.engine(*inputs)
-
-    monkeypatch.setattr(build_module, "build_plan", fake_build_plan)
-    monkeypatch.setattr(build_module, "unavailable", lambda entry, device: None)
-    monkeypatch.setattr("runtime.backends.tensorrt.TensorRTEngine", OrtAsTensorRT)
+    stand_in_for_tensorrt(monkeypatch, ort_engine)
     init_weights(get_preset("tiny-i2v"), tmp_path / "w", seed=2)
     (tmp_path / "p.yaml").write_text("name: t\nmodel: {weights: w}\nprecision: fp32\nbackends: [tensorrt]\n"
                                      "shapes:\n  - {frames: 5, height: 32, width: 48}\n"
@@ -433,25 +431,25 @@ def test_tensorrt_build_path_around_the_library(tmp_path, monkeypatch):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     entry = next(iter(manifest["entries"].values()))
     assert entry["backend"] == "tensorrt" and entry["versions"]["tensorrt"] == "11.4.0.106"
-    assert entry["tensorrt_options"]["optimization_level"] == 5 and entry["tensorrt_build"]["plan_bytes"] == 13
-    assert entry["onnx_check"]["attention"] == 6  # 2 layers x (self + text cross + image cross)
+    assert entry["options"]["optimization_level"] == 5 and entry["options"]["strip_weights"] is True
+    assert entry["build"]["tensorrt"]["plan_bytes"] == 13
+    assert entry["build"]["onnx_check"]["attention"] == 6  # 2 layers x (self + text cross + image cross)
     assert set(entry["files"]) == {"engine.plan", "model.onnx", "model.onnx.data", "parity.json"}
     assert entry["parity"]["passed"] and entry["parity"]["relative"] < 1e-5
-    assert seen["onnx"].name == "model.onnx" and seen["options"].optimization_level == 5
+    assert seen["onnx"].name == "model.onnx"
 
 
 def test_quantized_onnxruntime_entries_are_refused_everywhere():
     """ONNX Runtime has no FP8/NVFP4 path here: such entries are skipped on any device, not built as
     unquantized engines under a quantized label."""
-    from builder.build import PlannedEntry, unavailable
-    from builder.profiles import Expert, ShapeSpec
+    from builder.backends import builder
+    from runtime.precision import Precision
 
-    for precision, also in (("fp8", " and aoti"), ("nvfp4", "")):
-        entry = PlannedEntry(Expert("main", Path("w")), ShapeSpec(1, 5, 32, 48), StaticShape(1, 2, 4, 6, 512),
-                             precision, "onnxruntime", "x", {})
+    for precision, also in ((Precision.FP8, " and aoti"), (Precision.NVFP4, "")):
         for device in ("cpu", "cuda"):
-            assert unavailable(entry, torch.device(device)) == (
-                f"{precision} engines are built by the tensorrt backend{also}; onnxruntime builds fp32, fp16 and bf16")
+            assert builder("onnxruntime").unavailable(precision, torch.device(device)) == (
+                f"{precision.value} engines are built by the tensorrt backend{also}; onnxruntime builds fp32, fp16 "
+                "and bf16")
 
 
 @pytest.mark.parametrize("scale_error,recorded,status", [(0.07, 0.03, "ok"), (0.09, 0.03, "failed"),
@@ -461,19 +459,19 @@ def test_verify_bounds_quantized_tensorrt_entries_by_their_recorded_error(monkey
     """verify compares a TensorRT fp8 engine with the unquantized model: allowed is the build's parity
     tolerance (5%) widened by the quantization error the build recorded, no more."""
     from builder import catalog
-    from runtime.manifest import Entry, shape_json
+    from runtime.backends import backend
+
+    from .conftest import make_entry
 
     config = get_preset("tiny-t2v")
     shape = StaticShape(1, 2, 4, 6, 16)
     model = StaticWanTransformer(config, shape).eval().to(torch.bfloat16)
-    entry = Entry.from_json({"id": "e", "backend": "tensorrt", "precision": "fp8", "expert": "main",
-                             "shape": shape_json(shape, config, None), "files": {}, "versions": {}, "device": {},
-                             "weights_fingerprint": "", "parity": {}, "quantization_error": {"relative": recorded}})
+    entry = make_entry(config, shape, "tensorrt", precision="fp8", quantization_error={"relative": recorded})
 
     def engine(entry, folder, device, constants):
         reference = StaticWanTransformer.from_parameters(config, shape, dict(model.named_parameters())).eval()
         return lambda *inputs: reference(*inputs) * (1 + scale_error)
 
-    monkeypatch.setattr(catalog, "load_engine", engine)
-    result = catalog._rerun_parity(entry, Path("."), config, dict(model.named_parameters()), torch.device("cpu"))
+    monkeypatch.setattr(backend("tensorrt"), "load", engine)
+    result = catalog.rerun_parity(entry, Path("."), config, dict(model.named_parameters()), torch.device("cpu"))
     assert result.status == status, result.detail

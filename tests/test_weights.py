@@ -89,7 +89,9 @@ def test_original_layout_folder_matches_diffusers_layout(tmp_path, preset, model
     with torch.no_grad():
         out_a, out_b = a(x, t, ctx, image).sample, b(x, t, ctx, image).sample
         ref = reference_model(diffusers_dir)(x, t, ctx, image).sample
-    assert relative_error(out_b, out_a) == 0.0
+    # Other files, other memory alignment: kernels may take other paths, so not bit-exact across CPUs
+    # (2.5e-7 seen on AMD EPYC); the fp32 tolerance. A misnamed or misplaced tensor is off by ~1.
+    assert relative_error(out_b, out_a) < 1e-5
     assert relative_error(out_b, ref) < 1e-5
 
 
@@ -105,7 +107,8 @@ def test_single_file_with_community_prefix(tmp_path):
     b = WanTransformer.from_pretrained(single, preset="tiny-i2v")
     x, t, ctx, image = make_inputs(config, 1, (2, 4, 6))
     with torch.no_grad():
-        assert relative_error(b(x, t, ctx, image).sample, a(x, t, ctx, image).sample) == 0.0
+        # not bit-exact across CPUs: another file, another alignment (see above)
+        assert relative_error(b(x, t, ctx, image).sample, a(x, t, ctx, image).sample) < 1e-5
     # Without a preset the config is read off the shapes; head_dim must then be given by the preset,
     # so the tiny model (head_dim 24) is recognised only with it.
     with pytest.raises(WeightsError, match="does not match preset tiny-t2v"):

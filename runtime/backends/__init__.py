@@ -1,4 +1,15 @@
-"""Engine backends: each loads one artifact and runs it on torch tensors.
+"""Engine backends: one module per engine kind, behind one small protocol, and the registry.
+
+A `Backend` says what an entry of its kind needs (its library, the files it reads, the tool versions
+it must match), whether this machine can run an entry (`compatibility`, checked before anything is
+loaded) and how to load one (`load`). Callers (the engine set, `wan-build verify`, doctor) loop over
+`registry()`; nothing else branches on the backend's name.
+
+Every loaded engine is an `Engine`: it checks each input against the entry's recorded shape and
+dtype and hands the library tensors in the layout the engine was compiled for (contiguous, with
+standard strides, 64-byte aligned). Expanded, transposed and sliced views, which the front and
+diffusers' pipelines produce, are copied first; engines that read raw pointers with assumed strides
+(AOTInductor, TensorRT) would otherwise compute on the wrong elements without a word.
 
 Every backend module imports its library inside the functions that need it, so `import runtime`
 works on a machine that has none of them.
@@ -8,44 +19,120 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
-from ..manifest import AOTI_FILE, ONNX_FILE, PLAN_FILE, Entry
+from ..manifest import Entry, TensorInfo
+from ..precision import Precision
 
 BACKENDS = ("tensorrt", "aoti", "onnxruntime")  # the runtime's default preference, fastest first
-
-Engine = Callable[..., torch.Tensor]
-
-
-def missing_library(backend: str) -> str | None:
-    """Why `backend` cannot run on this machine at all, or None."""
-    module = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "aoti": "torch._inductor"}[backend]
-    if importlib.util.find_spec(module) is None:
-        hint = {"onnxruntime": "pip install onnxruntime (or onnxruntime-gpu)",
-                "tensorrt": "pip install tensorrt on an NVIDIA GPU machine"}.get(backend, "")
-        return f"{module} is not installed" + (f" ({hint})" if hint else "")
-    return None
+ALIGNMENT = 64  # bytes; torch's allocators give 64 (CPU) and 512 (CUDA), kernels assume 16 or more
 
 
-def load_engine(entry: Entry, folder: Path, device: torch.device,
-                constants: Mapping[str, torch.Tensor]) -> Engine:
-    """Load `entry` from `folder/<id>/`. `constants` are the model's tensors (parameters and
-    shape tables), for backends whose artifacts keep weights outside the engine."""
-    path = Path(folder) / entry.id
-    if entry.backend == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeEngine
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
-        return OnnxRuntimeEngine(path / ONNX_FILE, device, constants)
-    if entry.backend == "aoti":
-        from .aoti import AOTIEngine
 
-        return AOTIEngine(path / AOTI_FILE, constants)
-    if entry.backend == "tensorrt":
-        from .tensorrt import TensorRTEngine
+def engine_input(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its memory is laid out as a fresh contiguous tensor's, else such a copy."""
+    if t.stride() == contiguous_strides(tuple(t.shape)) and t.data_ptr() % ALIGNMENT == 0:
+        return t
+    out = torch.empty(tuple(t.shape), dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
 
-        return TensorRTEngine(path / PLAN_FILE, device, constants, built_with=entry.versions.get("tensorrt"),
-                              built_for=entry.device.get("compute_capability"),
-                              options=entry.raw.get("tensorrt_options", {}))
-    raise ValueError(f"unknown backend {entry.backend!r}")
+
+class Engine:
+    """A loaded engine. Call it with the static model's inputs in order; it returns the output."""
+
+    def __init__(self, entry: Entry, device: torch.device):
+        self.entry = entry
+        self.device = torch.device(device)
+        self._specs = tuple((i.name, i.shape, getattr(torch, i.dtype)) for i in entry.inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != len(self._specs):
+            raise ValueError(f"engine {self.entry.id} takes {len(self._specs)} inputs, got {len(inputs)}")
+        for (name, shape, dtype), t in zip(self._specs, inputs):
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"engine {self.entry.id}: {name} is {list(t.shape)} {t.dtype}, "
+                                 f"the engine was built for {list(shape)} {dtype}")
+        return self.run(*(engine_input(t) for t in inputs))
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Free what the engine holds (device memory) now; the engine set drops it afterwards."""
+
+
+class Backend:
+    """What every engine kind answers. Subclasses set the class attributes and override what differs."""
+
+    name: str = ""
+    library: str = ""  # the module that must be importable to run it
+    install_hint: str = ""
+    version_keys: tuple[str, ...] = ()  # tools whose exact version the artifact was made with
+
+    def missing_library(self) -> str | None:
+        if importlib.util.find_spec(self.library) is None:
+            return f"{self.library} is not installed" + (f" ({self.install_hint})" if self.install_hint else "")
+        return None
+
+    def required_files(self, entry: Entry) -> tuple[str, ...]:
+        """Files the manifest must list (and so hash) for this entry."""
+        raise NotImplementedError
+
+    def runs(self, precision: Precision, device: torch.device, capability: tuple[int, int] | None) -> str | None:
+        """Why this backend cannot run `precision` on such a device at all, or None."""
+        return precision.hardware_problem(device, capability)
+
+    def compatibility(self, entry: Entry, device: torch.device, capability: tuple[int, int] | None,
+                      versions: Mapping[str, str | None]) -> str | None:
+        """Why this machine cannot run `entry` (checked before any file is loaded), or None."""
+        for tool in self.version_keys:
+            if entry.versions.get(tool) != versions.get(tool):
+                return (f"built with {tool} {entry.versions.get(tool)}, this machine has "
+                        f"{versions.get(tool) or 'none'}")
+        return self.runs(Precision(entry.precision), device, capability)
+
+    def load(self, entry: Entry, folder: Path, device: torch.device, constants: Mapping[str, torch.Tensor]) -> Engine:
+        """Load `entry` from `folder/<id>/`, whose files have passed their checks. `constants` are the
+        model's tensors (parameters and shape tables), for artifacts that keep weights outside."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def registry() -> dict[str, Backend]:
+    """Every backend by name, in the runtime's default order."""
+    if not _REGISTRY:
+        from .aoti import AOTIBackend
+        from .onnxruntime import OnnxRuntimeBackend
+        from .tensorrt import TensorRTBackend
+
+        found = {b.name: b for b in (TensorRTBackend(), AOTIBackend(), OnnxRuntimeBackend())}
+        _REGISTRY.update((name, found[name]) for name in BACKENDS)
+    return _REGISTRY
+
+
+def backend(name: str) -> Backend:
+    try:
+        return registry()[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}") from None
+
+
+def missing_library(name: str) -> str | None:
+    """Why backend `name` cannot run on this machine at all, or None."""
+    return backend(name).missing_library()
+
+
+def input_infos(specs) -> tuple[TensorInfo, ...]:
+    return tuple(TensorInfo.of(s.name, s.shape, s.dtype) for s in specs)

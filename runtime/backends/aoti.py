@@ -1,26 +1,81 @@
 """AOTInductor packages (`engine.pt2`) compiled without their weights.
 
 The package holds only compiled code; the weights are handed in at load as the front's own
-tensors (`user_managed=True`), so every shape's package shares one copy of the weights.
+tensors (`user_managed=True`), so every shape's package shares one copy of the weights. A package
+is a shared library that runs when loaded: it is loaded from the very bytes whose sha256 was just
+checked against the manifest, never from the path again.
+
+Compiled code is specific to the device kind it was compiled for, and on CUDA to the compute
+capability (Inductor's Triton kernels are built per architecture), and to the torch that compiled
+it; each is checked before loading.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from ..integrity import read_verified
+from ..manifest import AOTI_FILE, Entry, entry_file
+from ..precision import Precision
+from . import Backend, Engine
 
-class AOTIEngine:
-    def __init__(self, path: Path, constants: Mapping[str, torch.Tensor]):
-        self._runner = torch._inductor.aoti_load_package(str(path))
-        names = self._runner.get_constant_fqns()
+
+class AOTIEngine(Engine):
+    def __init__(self, entry: Entry, device: torch.device, runner, constants: Mapping[str, torch.Tensor]):
+        super().__init__(entry, device)
+        self._runner = runner
+        names = runner.get_constant_fqns()
         missing = [n for n in names if n not in constants]
         if missing:
-            raise RuntimeError(f"{path}: the model has no tensors for {', '.join(missing[:5])}")
-        self._runner.load_constants({n: constants[n] for n in names}, check_full_update=True, user_managed=True)
+            raise RuntimeError(f"the model has no tensors for {', '.join(missing[:5])}")
+        runner.load_constants({n: constants[n] for n in names}, check_full_update=True, user_managed=True)
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         out = self._runner(*inputs)
         return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def load_package(data: bytes, device: torch.device):
+    device = torch.device(device)
+    index = -1
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch._inductor.aoti_load_package(io.BytesIO(data), device_index=index)
+
+
+class AOTIBackend(Backend):
+    name = "aoti"
+    library = "torch._inductor"
+    install_hint = "a torch build with Inductor"
+    version_keys = ("torch",)
+
+    def required_files(self, entry: Entry) -> tuple[str, ...]:
+        return (AOTI_FILE,)
+
+    def runs(self, precision: Precision, device: torch.device, capability: tuple[int, int] | None) -> str | None:
+        if precision == Precision.NVFP4:
+            return "NVFP4 engines are built by the tensorrt backend only"
+        return super().runs(precision, device, capability)
+
+    def compatibility(self, entry: Entry, device: torch.device, capability: tuple[int, int] | None,
+                      versions: Mapping[str, str | None]) -> str | None:
+        problem = super().compatibility(entry, device, capability, versions)
+        if problem:
+            return problem
+        device = torch.device(device)
+        if entry.device_type != device.type:
+            return f"compiled for {entry.device_type}, the model runs on {device.type}"
+        built_for = entry.device.get("compute_capability")
+        here = f"{capability[0]}.{capability[1]}" if capability else None
+        if device.type == "cuda" and built_for != here:
+            return f"compiled for compute capability {built_for}, this GPU is {here}"
+        return None
+
+    def load(self, entry: Entry, folder: Path, device: torch.device, constants: Mapping[str, torch.Tensor]) -> Engine:
+        info = entry.files[AOTI_FILE]
+        data = read_verified(entry_file(folder, entry, AOTI_FILE), info.sha256, info.bytes)
+        return AOTIEngine(entry, device, load_package(data, device), constants)

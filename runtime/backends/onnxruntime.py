@@ -1,9 +1,12 @@
 """ONNX Runtime sessions over `model.onnx` (+ `model.onnx.data`).
 
-On the CPU, tensors cross as numpy views (no copy for contiguous fp32/fp16). On a CUDA device
-with onnxruntime-gpu, inputs and the output are bound in place with IOBinding, so nothing moves
-through the host. (The CUDA path is written from ONNX Runtime's documented API and has not been
-run here: the test machines have the CPU package only.)
+On the CPU, tensors cross as numpy views (no copy: the `Engine` base has made them contiguous). On a
+CUDA device with onnxruntime-gpu, inputs and the output are bound in place with IOBinding, so
+nothing moves through the host. (The CUDA path is written from ONNX Runtime's documented API and
+has not been run here: the test machines have the CPU package only.)
+
+An ONNX graph runs no code of its own (no custom-op libraries are registered), so the weights file
+is read by ONNX Runtime from the entry folder after its sha256 check.
 """
 
 from __future__ import annotations
@@ -13,46 +16,82 @@ from typing import Mapping
 
 import torch
 
-_ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}  # TensorProto element types
+from ..manifest import ONNX_DATA, ONNX_FILE, Entry, entry_file
+from ..precision import ONNX_ELEMENT_TYPES, Precision
+from . import Backend, Engine
 
 
-class OnnxRuntimeEngine:
-    def __init__(self, path: Path, device: torch.device, constants: Mapping[str, torch.Tensor] | None = None):
+def cuda_provider_problem() -> str | None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider here (pip install onnxruntime-gpu)"
+    return None
+
+
+class OnnxRuntimeEngine(Engine):
+    """A session over an ONNX file. `entry` gives the call's inputs; inputs of the graph beyond them
+    are the shape tables, fed from `constants`."""
+
+    def __init__(self, entry: Entry, path: Path, device: torch.device, constants: Mapping[str, torch.Tensor]):
         import onnxruntime as ort
 
-        self.device = torch.device(device)
+        super().__init__(entry, device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.device.type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RuntimeError("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+            problem = cuda_provider_problem()
+            if problem:
+                raise RuntimeError(problem)
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
         self._session = ort.InferenceSession(str(path), options, providers=providers)
         names = [i.name for i in self._session.get_inputs()]
-        # Inputs beyond the call's own are the shape tables, fed from the model's tensors.
-        self._tables = [n for n in names if constants is not None and n in constants]
-        self._inputs = [n for n in names if n not in self._tables]
-        self._names = self._inputs + self._tables
-        self._table_values = [constants[n].to(self.device) for n in self._tables] if constants else []
+        call = [i.name for i in entry.inputs]
+        self._tables = [n for n in names if n not in call]
+        missing = [n for n in self._tables if n not in constants]
+        if missing or [n for n in names if n in call] != call:
+            raise RuntimeError(f"{path}: graph inputs {names} do not match the entry's {call} plus tables")
+        self._names = call + self._tables
+        self._table_values = [constants[n].to(self.device).contiguous() for n in self._tables]
         self._output = self._session.get_outputs()[0]
         self._output_shape = tuple(int(d) for d in self._output.shape)
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         inputs = tuple(inputs) + tuple(self._table_values)
         if self.device.type != "cuda":
-            feeds = {name: t.detach().contiguous().numpy() for name, t in zip(self._names, inputs)}
+            feeds = {name: t.detach().numpy() for name, t in zip(self._names, inputs)}
             return torch.from_numpy(self._session.run([self._output.name], feeds)[0])
         binding = self._session.io_binding()
-        # contiguous copies (an expanded timestep is not) must outlive the run: ONNX Runtime reads
-        # them through raw pointers, and a freed block goes straight back to torch's allocator
-        bound = [t.contiguous() for t in inputs]
-        for name, t in zip(self._names, bound):
-            binding.bind_input(name, "cuda", self.device.index or 0, _ONNX_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
+        index = self.device.index or 0
+        for name, t in zip(self._names, inputs):  # contiguous tensors the caller keeps alive until we return
+            binding.bind_input(name, "cuda", index, ONNX_ELEMENT_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
         out = torch.empty(self._output_shape, dtype=inputs[0].dtype, device=self.device)
-        binding.bind_output(self._output.name, "cuda", self.device.index or 0, _ONNX_TYPES[out.dtype],
-                            tuple(out.shape), out.data_ptr())
+        binding.bind_output(self._output.name, "cuda", index, ONNX_ELEMENT_TYPES[out.dtype], tuple(out.shape),
+                            out.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()
         self._session.run_with_iobinding(binding)
         return out
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    library = "onnxruntime"
+    install_hint = "pip install onnxruntime (or onnxruntime-gpu)"
+
+    def required_files(self, entry: Entry) -> tuple[str, ...]:
+        return (ONNX_FILE, ONNX_DATA)
+
+    def runs(self, precision: Precision, device: torch.device, capability: tuple[int, int] | None) -> str | None:
+        if precision.quantized:
+            return (f"{precision.value} engines are built by the tensorrt backend"
+                    + (" and aoti" if precision == Precision.FP8 else "") + "; onnxruntime builds fp32, fp16 and bf16")
+        if torch.device(device).type == "cuda":
+            return cuda_provider_problem() if self.missing_library() is None else None
+        if precision == Precision.BF16:
+            return "ONNX Runtime's CPU provider has no bf16 kernels; build and run it on a GPU machine"
+        return None
+
+    def load(self, entry: Entry, folder: Path, device: torch.device, constants: Mapping[str, torch.Tensor]) -> Engine:
+        return OnnxRuntimeEngine(entry, entry_file(folder, entry, ONNX_FILE), device, constants)

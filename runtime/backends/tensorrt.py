@@ -19,7 +19,10 @@ from typing import Mapping
 
 import torch
 
-from ..manifest import ONNX_FILE, compatibility_problem
+from ..integrity import read_verified
+from ..manifest import FP4_DATA, ONNX_DATA, ONNX_FILE, PLAN_FILE, Entry, entry_file
+from ..precision import Precision
+from . import Backend, Engine
 
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                 "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8}
@@ -27,6 +30,21 @@ TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfl
 
 class EngineRefused(RuntimeError):
     """This machine cannot use the plan; the message says why."""
+
+
+def compatibility_problem(built_with: str | None, built_for: str | None, portable: bool, trt_version: str | None,
+                          device: torch.device, capability: tuple[int, int] | None) -> str | None:
+    """Why this TensorRT and GPU cannot run a plan built with TensorRT `built_with` for compute
+    capability `built_for` (checked before deserializing), or None."""
+    if built_with != trt_version:
+        return (f"built with TensorRT {built_with}, this machine has {trt_version or 'none'} "
+                "(plans need the exact version)")
+    if torch.device(device).type != "cuda" or capability is None:
+        return f"TensorRT plans run on CUDA devices, the model is on {torch.device(device).type}"
+    here = f"{capability[0]}.{capability[1]}"
+    if built_for != here and not portable:
+        return f"built for compute capability {built_for}, this GPU is {here}"
+    return None
 
 
 def make_logger(trt):
@@ -49,12 +67,16 @@ def make_logger(trt):
     return Logger()
 
 
-class TensorRTEngine:
-    def __init__(self, plan_path: Path, device: torch.device, constants: Mapping[str, torch.Tensor] | None,
-                 *, built_with: str | None, built_for: str | None, options: Mapping[str, object]):
+class TensorRTEngine(Engine):
+    """A plan from `plan` (its bytes, already checked); `plan_path` names it in messages and locates
+    the ONNX weights a stripped plan is refitted from."""
+
+    def __init__(self, entry: Entry, plan_path: Path, plan: bytes, device: torch.device,
+                 constants: Mapping[str, torch.Tensor] | None, *, built_with: str | None, built_for: str | None,
+                 options: Mapping[str, object]):
         import tensorrt as trt
 
-        self.device = torch.device(device)
+        super().__init__(entry, device)
         capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
         portable = options.get("hardware_compatibility", "none") != "none"
         problem = compatibility_problem(built_with, built_for, portable, trt.__version__, self.device, capability)
@@ -62,7 +84,7 @@ class TensorRTEngine:
             raise EngineRefused(problem)
         self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        self.engine = self._runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise EngineRefused(f"TensorRT could not deserialize {plan_path}: "
                                 + ("; ".join(self._logger.errors()) or "no reason logged"))
@@ -73,9 +95,13 @@ class TensorRTEngine:
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         # Inputs beyond the call's own are the shape tables, fed from the model's tensors.
-        self._tables = {n: constants[n].to(self.device).contiguous() for n in inputs
-                        if constants is not None and n in constants}
-        self._inputs = [n for n in inputs if n not in self._tables]
+        self._inputs = [i.name for i in entry.inputs]
+        tables = [n for n in inputs if n not in self._inputs]
+        missing = [n for n in tables if constants is None or n not in constants]
+        if missing or sorted(set(inputs) - set(tables)) != sorted(self._inputs):
+            raise EngineRefused(f"{plan_path}: plan inputs {inputs} do not match the entry's {self._inputs} "
+                                "plus shape tables")
+        self._tables = {n: constants[n].to(self.device).contiguous() for n in tables}
         self._out_shape = tuple(self.engine.get_tensor_shape(self._output))
         self._out_dtype = TORCH_DTYPES[str(self.engine.get_tensor_dtype(self._output)).rsplit(".", 1)[-1]]
         for name, t in self._tables.items():
@@ -97,12 +123,12 @@ class TensorRTEngine:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed: " + "; ".join(self._logger.errors()[-3:]))
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self._cuda_graphs:
             return self._replay(inputs)
         stream = torch.cuda.current_stream(self.device)
-        # Keep contiguous copies alive until the stream has consumed them.
-        self._keep = [t.contiguous() for t in inputs]
+        # Keep the inputs alive until the stream has consumed them (some are the base class's copies).
+        self._keep = list(inputs)
         for name, t in zip(self._inputs, self._keep):
             self.context.set_tensor_address(name, t.data_ptr())
         out = torch.empty(self._out_shape, dtype=self._out_dtype, device=self.device)
@@ -112,7 +138,7 @@ class TensorRTEngine:
 
     def _replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if self._graph is None:
-            self._static_in = [t.contiguous().clone() for t in inputs]
+            self._static_in = [t.clone() for t in inputs]
             self._static_out = torch.empty(self._out_shape, dtype=self._out_dtype, device=self.device)
             for name, t in zip(self._inputs, self._static_in):
                 self.context.set_tensor_address(name, t.data_ptr())
@@ -136,3 +162,34 @@ class TensorRTEngine:
         self._graph = None
         self.context = None
         self.engine = None
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    library = "tensorrt"
+    install_hint = "pip install tensorrt on an NVIDIA GPU machine"
+    version_keys = ("tensorrt",)
+
+    def required_files(self, entry: Entry) -> tuple[str, ...]:
+        refit = (ONNX_FILE, ONNX_DATA) if entry.options.get("strip_weights", False) else ()
+        fp4 = (FP4_DATA,) if entry.options.get("strip_weights", False) and entry.precision == "nvfp4" else ()
+        return (PLAN_FILE, *refit, *fp4)
+
+    def runs(self, precision: Precision, device: torch.device, capability: tuple[int, int] | None) -> str | None:
+        if torch.device(device).type != "cuda":
+            return f"TensorRT plans run on CUDA devices, the model is on {torch.device(device).type}"
+        return super().runs(precision, device, capability)
+
+    def compatibility(self, entry: Entry, device: torch.device, capability: tuple[int, int] | None,
+                      versions: Mapping[str, str | None]) -> str | None:
+        portable = entry.options.get("hardware_compatibility", "none") != "none"
+        return compatibility_problem(entry.versions.get("tensorrt"), entry.device.get("compute_capability"), portable,
+                                     versions.get("tensorrt"), device, capability) \
+            or self.runs(Precision(entry.precision), device, capability)
+
+    def load(self, entry: Entry, folder: Path, device: torch.device, constants: Mapping[str, torch.Tensor]) -> Engine:
+        path = entry_file(folder, entry, PLAN_FILE)
+        info = entry.files[PLAN_FILE]
+        plan = read_verified(path, info.sha256, info.bytes)
+        return TensorRTEngine(entry, path, plan, device, constants, built_with=entry.versions.get("tensorrt"),
+                              built_for=entry.device.get("compute_capability"), options=entry.options)

@@ -42,7 +42,7 @@ def compute(use_cases=USE_CASES, gpu_list: tuple[Gpu, ...] | None = None) -> dic
 
 LEGEND = ("cell = best precision that fits, batch 1 (one CFG branch per call, as diffusers calls it); "
           "+offload = the idle Wan2.2 expert waits in host memory; +stream = TensorRT weight streaming "
-          "from host memory (slow); no = does not fit. Model: builder/costs.py (weights exact, activations "
+          "from host memory (slow); no = does not fit. Model: builder/planning/costs.py (weights exact, activations "
           "measured on an H200 and on the CPU).")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from runtime.config import WanConfig
 from runtime.errors import WanBuildError
+from runtime.precision import Precision
 from runtime.static import StaticShape
 
 from .plan import Flops, forward_flops, weight_bytes
@@ -37,7 +38,6 @@ CUDA_CONTEXT_GB = 1.0  # CUDA context, cuBLAS/cuDNN handles and allocator slack 
 # Sampling defaults of the original repos (wan-architecture section 5): steps per video.
 DEFAULT_STEPS = {"wan2.1-t2v-1.3b": 50, "wan2.1-t2v-14b": 50, "wan2.1-i2v-14b": 40, "wan2.1-flf2v-14b": 50,
                  "wan2.2-t2v-a14b": 40, "wan2.2-i2v-a14b": 40, "wan2.2-ti2v-5b": 50}
-ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 2, "nvfp4": 2}  # activations stay 16-bit when quantized
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,10 @@ class Gpu:
         return int(major), int(minor)
 
     def supports(self, precision: str) -> bool:
-        if precision == "fp8":
-            return self.cc >= (8, 9) and self.fp8_tflops is not None
-        if precision == "nvfp4":
-            return self.cc >= (10, 0) and self.fp4_tflops is not None
-        return True
+        """The card has the tensor cores the precision needs (per-precision minimums: runtime.precision)."""
+        p = Precision(precision)
+        rate = {Precision.FP8: self.fp8_tflops, Precision.NVFP4: self.fp4_tflops}.get(p, self.bf16_tflops)
+        return p.hardware_problem("cuda", self.cc) is None and rate is not None
 
     @property
     def matmul_tflops(self) -> float:
@@ -123,7 +122,7 @@ class MemoryEstimate:
 
 def activation_bytes(config: WanConfig, shape: StaticShape, precision: str) -> list[Term]:
     """Peak activations of one forward (eager static model; an upper bound for engines)."""
-    e = ELEMENT_BYTES[precision]
+    e = Precision(precision).facts.activation_bytes
     k = ACTIVATION_BYTES_PER_TOKEN_DIM[e]
     L, d, b = shape.tokens(config), config.dim, shape.batch
     terms = [Term("activations (attention phase)", b * L * d * k,

@@ -27,18 +27,22 @@ the graph, `model.nvfp4.data`, shared between the shapes of one expert like the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from runtime.errors import WanBuildError
-from runtime.fp8 import E4M3_MAX
+from runtime.fp8 import E4M3_MAX, fp8_layer_names
+from runtime.manifest import FP4_DATA
+from runtime.precision import ONNX_ELEMENT_TYPES, ONNX_FLOAT, ONNX_FLOAT4E2M1, ONNX_FLOAT8E4M3FN
+from runtime.static import StaticWanTransformer
+
+from .common import LayerGraph, QuantizeError, modelopt, node_scope, wan_recipe
 
 BLOCK = 16
 E2M1_MAX = 6.0
-FP4_DATA = "model.nvfp4.data"
 TRT_DOMAIN = "trt"
 DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
 
@@ -48,11 +52,7 @@ E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 _MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 _TIES_UP = torch.tensor([0.75, 1.75, 3.5])
 
-_FLOAT4E2M1, _FLOAT8E4M3FN, _FLOAT = 23, 17, 1
-_ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
-
-
-class Nvfp4Error(WanBuildError):
+class Nvfp4Error(QuantizeError):
     """A layer cannot be written in NVFP4; the message names it and says why."""
 
 
@@ -177,13 +177,10 @@ def insert_nvfp4_qdq(onnx_path: Path, input_amax: Mapping[str, float], weights: 
     layers rewritten. `weights[name]` is the layer's [out, in] weight; the 16-bit copy the graph held
     is dropped from the graph (its bytes stay in the shared 16-bit data file, which other entries use).
     On any error the graph is untouched and no FP4 data file is left."""
-    from .quantize import node_scope
-
-    scope_of = scope_of or node_scope
     data_path = onnx_path.with_name(FP4_DATA)
     data_path.unlink(missing_ok=True)  # a new file: never write through a hard link into the shared store
     try:
-        return _insert(onnx_path, data_path, input_amax, weights, dtype, scope_of, module_name)
+        return _insert(onnx_path, data_path, input_amax, weights, dtype, scope_of or node_scope, module_name)
     except BaseException:
         data_path.unlink(missing_ok=True)
         raise
@@ -196,15 +193,15 @@ def _insert(onnx_path: Path, data_path: Path, input_amax: Mapping[str, float], w
 
     import numpy as np
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    graph = model.graph
+    layers = LayerGraph(onnx_path, input_amax, scope_of=scope_of, module_name=module_name)
+    model, graph = layers.model, layers.graph
     initializers = {init.name: init for init in graph.initializer}
     consumers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
-    onnx_dtype = _ONNX_DTYPES[dtype]
-    new_nodes, done, dropped = [], set(), set()
+    onnx_dtype = ONNX_ELEMENT_TYPES[dtype]
+    dropped = set()
 
     with open(data_path, "wb") as data:
         def external(name: str, data_type: int, dims: list[int], raw: bytes):
@@ -224,60 +221,106 @@ def _insert(onnx_path: Path, data_path: Path, input_amax: Mapping[str, float], w
         def double_dq(tag: str, values: str, scales: str, scale: str) -> str:
             """FP32 scales throughout, the dequantized values cast to the graph's dtype after (the
             layout Model Optimizer's exporter writes; the emulation rounds the same way)."""
-            new_nodes.append(helper.make_node("DequantizeLinear", [scales, scale], [f"{tag}.block_scale"],
-                                              name=f"{tag}.DequantizeScale"))
-            new_nodes.append(helper.make_node("DequantizeLinear", [values, f"{tag}.block_scale"], [f"{tag}.dq"],
-                                              name=f"{tag}.DequantizeLinear", axis=-1, block_size=BLOCK))
-            if onnx_dtype == _FLOAT:
+            layers.emit(helper.make_node("DequantizeLinear", [scales, scale], [f"{tag}.block_scale"],
+                                         name=f"{tag}.DequantizeScale"))
+            layers.emit(helper.make_node("DequantizeLinear", [values, f"{tag}.block_scale"], [f"{tag}.dq"],
+                                         name=f"{tag}.DequantizeLinear", axis=-1, block_size=BLOCK))
+            if onnx_dtype == ONNX_FLOAT:
                 return f"{tag}.dq"
-            new_nodes.append(helper.make_node("Cast", [f"{tag}.dq"], [f"{tag}.dq.cast"], to=onnx_dtype,
-                                              name=f"{tag}.Cast"))
+            layers.emit(helper.make_node("Cast", [f"{tag}.dq"], [f"{tag}.dq.cast"], to=onnx_dtype,
+                                         name=f"{tag}.Cast"))
             return f"{tag}.dq.cast"
 
-        for node in graph.node:
-            name = module_name(scope_of(node) or "")
-            if node.op_type == "MatMul" and name in input_amax and name not in done:
-                weight = weights[name].detach().float().cpu()
-                held = initializers.get(node.input[1])
-                if held is None or list(held.dims) != [weight.shape[1], weight.shape[0]]:
-                    raise Nvfp4Error(f"{onnx_path}: the MatMul of {name} does not take its weight as a stored "
-                                     f"[in, out] matrix; cannot write it in NVFP4")
-                # activation: dynamic FP4 at run time, the calibrated per-tensor scale
-                tag = f"{name}.input"
-                x_scale = scalar(f"{tag}.global_scale", float(global_scale(input_amax[name])))
-                new_nodes.append(helper.make_node(DYNAMIC_QUANTIZE, [node.input[0], x_scale],
-                                                  [f"{tag}.fp4", f"{tag}.fp8_scale"], name=f"{tag}.{DYNAMIC_QUANTIZE}",
-                                                  domain=TRT_DOMAIN, axis=-1, block_size=BLOCK,
-                                                  scale_type=_FLOAT8E4M3FN))
-                # the custom op's output types, so ONNX type inference can check the rest of the graph
-                graph.value_info.extend([helper.make_tensor_value_info(f"{tag}.fp4", _FLOAT4E2M1, None),
-                                         helper.make_tensor_value_info(f"{tag}.fp8_scale", _FLOAT8E4M3FN, None)])
-                x = double_dq(tag, f"{tag}.fp4", f"{tag}.fp8_scale", x_scale)
-                # weight: FP4 values and FP8 block scales stored, [out, in], then transposed
-                tag = f"{name}.weight"
-                w_scale = global_scale(weight.abs().amax())
-                codes, block = quantize(weight, w_scale, name)
-                external(f"{tag}.fp4", _FLOAT4E2M1, list(weight.shape), pack(codes))
-                external(f"{tag}.fp8_scale", _FLOAT8E4M3FN, list(block.shape),
-                         block.view(torch.uint8).contiguous().numpy().tobytes())
-                w = double_dq(tag, f"{tag}.fp4", f"{tag}.fp8_scale", scalar(f"{tag}.global_scale", float(w_scale)))
-                new_nodes.append(helper.make_node("Transpose", [w], [f"{tag}.t"], perm=[1, 0], name=f"{tag}.Transpose"))
-                consumers[node.input[1]] -= 1
-                if consumers[node.input[1]] == 0:
-                    dropped.add(node.input[1])
-                node.input[0], node.input[1] = x, f"{tag}.t"
-                done.add(name)
-            new_nodes.append(node)
-    missing = sorted(set(input_amax) - done)
-    if missing:
+        for node, name in layers.matmuls():
+            weight = weights[name].detach().float().cpu()
+            held = initializers.get(node.input[1])
+            if held is None or list(held.dims) != [weight.shape[1], weight.shape[0]]:
+                raise Nvfp4Error(f"{onnx_path}: the MatMul of {name} does not take its weight as a stored "
+                                 f"[in, out] matrix; cannot write it in NVFP4")
+            # activation: dynamic FP4 at run time, the calibrated per-tensor scale
+            tag = f"{name}.input"
+            x_scale = scalar(f"{tag}.global_scale", float(global_scale(input_amax[name])))
+            layers.emit(helper.make_node(DYNAMIC_QUANTIZE, [node.input[0], x_scale],
+                                         [f"{tag}.fp4", f"{tag}.fp8_scale"], name=f"{tag}.{DYNAMIC_QUANTIZE}",
+                                         domain=TRT_DOMAIN, axis=-1, block_size=BLOCK, scale_type=ONNX_FLOAT8E4M3FN))
+            # the custom op's output types, so ONNX type inference can check the rest of the graph
+            graph.value_info.extend([helper.make_tensor_value_info(f"{tag}.fp4", ONNX_FLOAT4E2M1, None),
+                                     helper.make_tensor_value_info(f"{tag}.fp8_scale", ONNX_FLOAT8E4M3FN, None)])
+            x = double_dq(tag, f"{tag}.fp4", f"{tag}.fp8_scale", x_scale)
+            # weight: FP4 values and FP8 block scales stored, [out, in], then transposed
+            tag = f"{name}.weight"
+            w_scale = global_scale(weight.abs().amax())
+            codes, block = quantize(weight, w_scale, name)
+            external(f"{tag}.fp4", ONNX_FLOAT4E2M1, list(weight.shape), pack(codes))
+            external(f"{tag}.fp8_scale", ONNX_FLOAT8E4M3FN, list(block.shape),
+                     block.view(torch.uint8).contiguous().numpy().tobytes())
+            w = double_dq(tag, f"{tag}.fp4", f"{tag}.fp8_scale", scalar(f"{tag}.global_scale", float(w_scale)))
+            layers.emit(helper.make_node("Transpose", [w], [f"{tag}.t"], perm=[1, 0], name=f"{tag}.Transpose"))
+            consumers[node.input[1]] -= 1
+            if consumers[node.input[1]] == 0:
+                dropped.add(node.input[1])
+            node.input[0], node.input[1] = x, f"{tag}.t"
+    if layers.layers - layers.done:
+        missing = sorted(layers.layers - layers.done)
         raise Nvfp4Error(f"{onnx_path}: no MatMul found for {', '.join(missing[:4])}; the export's name "
                          "scopes do not match the model's layer names")
     kept = [init for init in graph.initializer if init.name not in dropped]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
     if not any(o.domain == TRT_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(TRT_DOMAIN, 1))
-    onnx.save(model, str(onnx_path))
-    return len(done)
+    layers.save()
+    return len(layers.done)
+
+
+@dataclass(frozen=True)
+class Nvfp4Calibration:
+    input_amax: dict[str, float]  # linear layer -> activation amax (its per-tensor scale)
+    relative_error: float  # the engine's arithmetic (emulated) vs unquantized, held-out inputs
+    modelopt_difference: float  # the emulation vs Model Optimizer's own NVFP4 fake quantization
+    batches: int
+    output: torch.Tensor = field(repr=False, compare=False)  # the emulation on the held-out inputs
+
+    def to_json(self) -> dict:
+        return {"layers": len(self.input_amax), "batches": self.batches,
+                "relative_error_vs_unquantized": self.relative_error,
+                "emulation_vs_model_optimizer": self.modelopt_difference,
+                "recipe": "Model Optimizer NVFP4_DEFAULT_CFG (E2M1, 16-value blocks, FP8 block scales, "
+                "max calibration); patch embedding, condition embedder, proj_out and the first and last "
+                "blocks kept"}
+
+
+def calibrate_nvfp4(model: StaticWanTransformer, batches: Iterable[tuple[torch.Tensor, ...]],
+                    held_out: tuple[torch.Tensor, ...]) -> Nvfp4Calibration:
+    """Calibrate the activation scales with Model Optimizer's NVFP4 recipe (CUDA only); measure the
+    error of exactly what the engine computes (`builder.nvfp4.emulate`) against the unquantized
+    model. `model` is left unquantized: Model Optimizer works on a second module over the same
+    tensors."""
+    if model.rope_cos.device.type != "cuda":
+        raise QuantizeError("NVFP4 calibration needs CUDA: Model Optimizer's NVFP4 quantizers run on a GPU "
+                            "(on the CPU they stop with \"amax must be a CUDA tensor\"); build NVFP4 entries "
+                            "on a GPU machine (Blackwell to run them)")
+    mtq = modelopt()
+    config = model.config
+    names = fp8_layer_names(model, config.num_layers)
+    cfg = wan_recipe(mtq.NVFP4_DEFAULT_CFG, config.num_layers)
+    batches = list(batches)
+    shadow = StaticWanTransformer.from_parameters(config, model.shape, dict(model.named_parameters())).eval()
+    shadow.to(model.rope_cos.device)
+    with torch.no_grad():
+        reference = model(*held_out)
+        mtq.quantize(shadow, cfg, forward_loop=lambda m: [m(*b) for b in batches])
+        theirs = shadow(*held_out)
+    amax = {}
+    for name in names:
+        quantizer = shadow.get_submodule(name).input_quantizer
+        if quantizer.amax is None:
+            raise QuantizeError(f"Model Optimizer left {name} uncalibrated; the calibration inputs never reached it")
+        amax[name] = float(quantizer.amax.max())
+    with torch.no_grad(), emulate(model, amax):
+        ours = model(*held_out)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    return Nvfp4Calibration(amax, rel(ours, reference), rel(ours, theirs), len(batches), ours)

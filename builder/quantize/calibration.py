@@ -21,7 +21,7 @@ import torch
 from runtime.config import WanConfig
 from runtime.dynamic import static_call
 from runtime.errors import WanBuildError
-from runtime.manifest import sha256_file
+from runtime.integrity import sha256_file
 from runtime.static import StaticShape
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 from runtime.config import WanConfig
 from runtime.errors import WanBuildError
+from runtime.precision import ONNX_FLOAT4E2M1 as _FLOAT4E2M1
+from runtime.precision import ONNX_FLOAT8E4M3FN as _FLOAT8E4M3FN
 
-from .nvfp4 import BLOCK, DYNAMIC_QUANTIZE, TRT_DOMAIN
+from ..quantize.nvfp4 import BLOCK, DYNAMIC_QUANTIZE, TRT_DOMAIN
 
 _DOUBLE, _COMPLEX64, _COMPLEX128 = 11, 14, 15
 _BAD_TYPES = {_DOUBLE: "float64", _COMPLEX64: "complex64", _COMPLEX128: "complex128"}
-_FLOAT4E2M1, _FLOAT8E4M3FN = 23, 17
 _TRT_OPS = {(TRT_DOMAIN, DYNAMIC_QUANTIZE)}
 
 

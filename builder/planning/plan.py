@@ -11,12 +11,8 @@ from dataclasses import dataclass
 
 from runtime.config import WanConfig, latent_size
 from runtime.fp8 import kept_blocks
+from runtime.precision import Precision
 from runtime.static import StaticShape, parameter_shapes
-
-# Nominal bytes per weight of the block linear layers; everything else stays at 16 bits.
-# fp8: one byte plus a per-tensor scale. nvfp4: half a byte plus one fp8 scale per 16 weights.
-_LINEAR_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1 / 16}
-PRECISIONS = tuple(_LINEAR_BYTES)
 
 
 def parameter_count(config: WanConfig) -> int:
@@ -34,7 +30,7 @@ def weight_bytes(config: WanConfig, precision: str) -> float:
         parts = name.split(".")
         quantizable = (parts[0] == "blocks" and keep <= int(parts[1]) < config.num_layers - keep
                        and name.endswith(".weight") and len(shape) == 2)
-        per = _LINEAR_BYTES[precision] if quantizable or precision == "fp32" else 2.0
+        per = Precision(precision).facts.linear_weight_bytes if quantizable or precision == "fp32" else 2.0
         total += shape.numel() * per
     return total
 
@@ -108,4 +104,4 @@ def plan(config: WanConfig, frames: int, height: int, width: int, batch: int = 1
     latent = latent_size(config, frames, height, width)
     shape = StaticShape.for_latent(config, batch, latent, text_tokens)
     return Plan(config, (frames, height, width), shape, parameter_count(config),
-                {p: weight_bytes(config, p) for p in PRECISIONS}, forward_flops(config, shape))
+                {p: weight_bytes(config, p) for p in ("fp32", "bf16", "fp16", "fp8", "nvfp4")}, forward_flops(config, shape))

@@ -17,7 +17,7 @@ from runtime.errors import WanBuildError
 
 from .costs import FIT_LABELS, QUALITY_ORDER, Gpu, best_fit, custom_gpu, find_gpu, floor_seconds, mode_memory, options
 from .matrix import USE_CASES, UseCase
-from .profiles import load_profile
+from ..profiles import load_profile
 
 Ask = Callable[[str, str], str]  # (question, default) -> answer
 

@@ -9,15 +9,14 @@ that attention pattern because the exporter scales Q and K before the first MatM
 Inputs: the static model's tensors, then its shape tables (RoPE cos/sin and the timestep
 frequencies). With the tables outside the graph, the initializers are the weights alone and
 identical for every shape, so `model.onnx.data` is stored once per model and precision and
-hard-linked into each entry (`share_weights`).
+hard-linked into each entry.
 
 Host memory: the graph is traced on the meta device and the real tensors (memory-mapped
 checkpoint views, or one cast copy) are attached afterwards, so exporting a 14B model holds one
 copy of its weights, not two. Weights always go to `model.onnx.data` (external data), so files
 over 2 GB work.
 
-Parity: per output, max abs error, relative error ||out - ref|| / ||ref|| and cosine similarity,
-against the eager static model at the same precision on the same fixed-seed inputs.
+The weights file is then stored once per content (`builder.build.folder.share_weights`).
 """
 
 from __future__ import annotations
@@ -25,57 +24,17 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
-import os
-import shutil
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from runtime.config import WanConfig
-from runtime.manifest import ONNX_DATA, ONNX_FILE
+from runtime.manifest import ONNX_FILE
 from runtime.static import StaticShape, StaticWanTransformer
 
-PARITY_SEED = 1234
 TABLE_INPUTS = ("rope_cos", "rope_sin", "time_freqs")
-# Relative error allowed against the eager static model at the same precision. Measured on the
-# CPU for the tiny presets: fp32 ONNX Runtime 2.8e-7, fp32 AOTInductor 2e-7 (bit-level
-# reassociation only); fp16 ONNX Runtime vs eager fp16 ~1e-3; bf16 AOTInductor vs eager bf16
-# ~3e-3 (fusions round intermediate results at different points). nvfp4 is checked against the
-# emulation of the engine's arithmetic; in bf16, upstream rounding differences flip some FP4 codes:
-# bf16 vs fp32 emulation differed by 2.0% (3x the unquantized 0.75%) at 384 tokens, and a bf16 graph
-# run by ONNX's reference evaluator differed from it by 7.9-8.1% at 48 tokens.
-PARITY_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 2e-2, "fp8": 5e-2, "nvfp4": 1e-1}
-
-
-@dataclass(frozen=True)
-class Parity:
-    max_abs: float
-    relative: float
-    cosine: float
-    tolerance: float
-
-    @property
-    def passed(self) -> bool:
-        return math.isfinite(self.relative) and self.relative <= self.tolerance
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
-
-    def describe(self) -> str:
-        return f"rel {self.relative:.2e} (max abs {self.max_abs:.2e}, cos {self.cosine:.6f}, tol {self.tolerance:g})"
-
-
-def compare(out: torch.Tensor, ref: torch.Tensor, tolerance: float) -> Parity:
-    if tuple(out.shape) != tuple(ref.shape):
-        return Parity(math.inf, math.inf, 0.0, tolerance)
-    a, b = out.detach().double().cpu().flatten(), ref.detach().double().cpu().flatten()
-    rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-    return Parity((a - b).abs().max().item(), rel if math.isfinite(rel) else math.inf, cos, tolerance)
 
 
 class TablesAsInputs(torch.nn.Module):
@@ -124,26 +83,6 @@ def export_onnx(config: WanConfig, shape: StaticShape, tensors: Mapping[str, tor
     path = folder / ONNX_FILE
     program.save(str(path), external_data=True)
     return path
-
-
-def share_weights(folder: Path, store: Path, name: str = ONNX_DATA) -> str:
-    """Keep one copy of `folder/name` (an external-data file) per content in `store`, hard-linked
-    into `folder`. Returns its sha256. Falls back to a private copy where hard links are impossible."""
-    from runtime.manifest import sha256_file
-
-    data = folder / name
-    digest = sha256_file(data, use_cache=False)
-    store.mkdir(parents=True, exist_ok=True)
-    shared = store / f"{digest}{''.join(Path(name).suffixes[-2:])}"
-    if not shared.exists():
-        os.replace(data, shared)
-    else:
-        data.unlink()
-    try:
-        os.link(shared, data)
-    except OSError:
-        shutil.copyfile(shared, data)
-    return digest
 
 
 @contextlib.contextmanager

@@ -1,0 +1,89 @@
+"""Engine builders: one module per engine kind, behind one small protocol, and the registry.
+
+Each `BuilderBackend` pairs with the runtime backend of the same name (`runtime.backends`), which
+loads what it builds, and says:
+- `unavailable(precision, device)`: why this machine cannot build that precision (the entry is then
+  skipped with the reason, not failed);
+- `identity(...)`: the fields, beyond the common ones, that change its engines (they go into the
+  entry id); `options(profile)`: what the runtime must know to load them (recorded in the entry);
+- `calibrates(precision)`: whether its engines carry calibrated scales (tied to one set of weights);
+- `build(job)`: write the artifact into `job.folder` and return the engine's output on the parity
+  inputs, loaded through the runtime backend, with the eager output it must match;
+- `verify_reference(entry, model)`: the reference and tolerance `wan-build verify` uses.
+The build, doctor and catalog loop over `registry()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from runtime.backends import BACKENDS, Backend, backend as runtime_backend
+from runtime.manifest import Entry, capability_of
+from runtime.precision import Precision
+from runtime.static import StaticWanTransformer
+
+
+@dataclass
+class Job:
+    """One entry to build: the static model on the build device, its parity inputs, where to write."""
+
+    entry: Any  # builder.build.entries.PlannedEntry
+    model: StaticWanTransformer
+    inputs: tuple[torch.Tensor, ...]
+    profile: Any  # builder.profiles.Profile
+    folder: Path  # the entry's partial folder
+    store: Path  # the shared weights store of the engine folder
+    device: torch.device
+    draft: Entry  # the entry's record so far (shape, inputs, ...), to load the engine through the runtime
+    echo: Callable[[str], None] = print
+    record: dict[str, Any] = field(default_factory=dict)  # quantization_error, build, versions the backend adds
+
+
+class BuilderBackend:
+    name: str = ""
+
+    @property
+    def runtime(self) -> Backend:
+        return runtime_backend(self.name)
+
+    def unavailable(self, precision: Precision, device: torch.device) -> str | None:
+        return self.runtime.missing_library() or self.runtime.runs(precision, device, capability_of(device))
+
+    def identity(self, profile, device: dict[str, Any], versions: dict[str, str | None]) -> dict[str, Any]:
+        return {}
+
+    def options(self, profile) -> dict[str, Any]:
+        return {}
+
+    def calibrates(self, precision: Precision) -> bool:
+        return False
+
+    def build(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def verify_reference(self, entry: Entry, model: StaticWanTransformer) -> float:
+        """Make `model` the eager reference `wan-build verify` compares `entry` with (in place); returns
+        the relative error allowed."""
+        return Precision(entry.precision).parity_tolerance
+
+
+_REGISTRY: dict[str, BuilderBackend] = {}
+
+
+def registry() -> dict[str, BuilderBackend]:
+    if not _REGISTRY:
+        from .aoti import AOTIBuilder
+        from .onnxruntime import OnnxRuntimeBuilder
+        from .tensorrt import TensorRTBuilder
+
+        found = {b.name: b for b in (TensorRTBuilder(), AOTIBuilder(), OnnxRuntimeBuilder())}
+        _REGISTRY.update((name, found[name]) for name in BACKENDS)
+    return _REGISTRY
+
+
+def builder(name: str) -> BuilderBackend:
+    return registry()[name]

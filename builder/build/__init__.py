@@ -1,0 +1,285 @@
+"""`build(profile) -> report`: every (expert x shape x precision x backend) entry of a profile.
+
+- An entry already in the manifest whose files still pass their checks (hashed in full) is kept.
+- Each entry is built in `.partial-<id>-<pid>/` and renamed into place only after it passed its
+  parity gate; the manifest is rewritten atomically after every entry. An interrupted build
+  (an error, kill -9, a full disk) leaves no half entry and a manifest that lists only finished
+  ones; the next build resumes. Each entry folder also holds its own record (`entry.json`).
+- A lock file serialises builds of one folder: a second build waits, then skips what the first built.
+- An entry this machine cannot build (a library or a GPU missing) is skipped with the reason. An
+  entry that fails (a user error, an exporter, compiler or library error, a parity failure, a full
+  disk) is marked failed with a one-line reason and the build goes on to the next; `allow_mismatch`
+  lets a parity failure through, recorded as such in the manifest.
+- An unreadable manifest stops the build before anything is written (`rebuild_manifest` recovers
+  the entries from their folders instead).
+
+Build steps, in order: `entries` (what to build and its id), `folder` (lock, atomic writes, shared
+weights, manifest), the backend's `build` (`builder.backends`: export, compile, quantize), `parity`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from runtime.backends import input_infos
+from runtime.errors import WanBuildError
+from runtime.integrity import sha256_file, weights_fingerprint
+from runtime.manifest import (ENTRY_FILE, PARITY_FILE, Entry, EngineError, ExpertRecord, FileInfo, Manifest,
+                              ParityInfo, device_info, tool_versions)
+from runtime.precision import Precision
+from runtime.static import StaticWanTransformer, parameter_shapes
+from runtime.weights import Checkpoint, load_checkpoint, materialize
+
+from ..backends import Job, builder
+from ..profiles import Profile
+from ..quantize.calibration import calls_for, load_calls
+from ..tables import table
+from .entries import PlannedEntry, calibrated, plan_entries
+from .folder import (WEIGHTS_STORE, FolderError, check_kept, clear_stale, folder_lock, install, open_manifest,
+                     remove, write_atomic, write_manifest)
+from .parity import PARITY_SEED, gate
+
+Echo = Callable[[str], None]
+
+
+class BuildFailed(EngineError):
+    """One entry could not be built; the message says which and why."""
+
+
+@dataclass
+class EntryResult:
+    entry: PlannedEntry
+    status: str  # built, rebuilt, kept, skipped, failed
+    seconds: float = 0.0
+    relative_error: float | None = None
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        e = self.entry
+        return {"id": e.id, "expert": e.expert.name, "shape": e.spec.label(), "precision": e.precision,
+                "backend": e.backend, "status": self.status, "seconds": round(self.seconds, 2),
+                "relative_error": self.relative_error, "message": self.message}
+
+
+@dataclass
+class BuildReport:
+    folder: Path
+    results: list[EntryResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[EntryResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        return counts
+
+    def table(self) -> list[str]:
+        rows = [("expert", "shape", "precision", "backend", "status", "time", "rel.err", "entry / reason")]
+        for r in self.results:
+            e = r.entry
+            err = "" if r.relative_error is None else f"{r.relative_error:.1e}"
+            rows.append((e.expert.name, e.spec.label(), e.precision, e.backend, r.status, f"{r.seconds:.1f}s", err,
+                         r.message or e.id))
+        return table(rows)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "counts": self.counts(), "entries": [r.to_json() for r in self.results]}
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: the message of a user error, `Type: first line` of anything else."""
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    return text if isinstance(e, WanBuildError) else f"{type(e).__name__}: {text}"
+
+
+def _resolve_device(profile: Profile) -> torch.device:
+    if profile.device == "cuda" and not torch.cuda.is_available():
+        raise BuildFailed(f"{profile.source}: device: cuda, but torch sees no CUDA GPU here "
+                          f"(torch {torch.__version__}); use device: cpu or auto")
+    if profile.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(profile.device)
+
+
+class _Progress:
+    """Which entry, how far, and how long is left (from the entries built so far)."""
+
+    def __init__(self, total: int, echo: Echo):
+        self.total, self.echo, self.durations = total, echo, []
+
+    def eta(self, done: int) -> str:
+        if not self.durations:
+            return ""
+        left = (self.total - done) * sum(self.durations) / len(self.durations)
+        return f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"
+
+
+# -- building -------------------------------------------------------------------------------------
+def build(profile: Profile, out: Path | None = None, *, allow_mismatch: bool = False, rebuild_manifest: bool = False,
+          echo: Echo = print) -> BuildReport:
+    out = Path(out) if out is not None else Path("engines") / profile.name
+    device = _resolve_device(profile)
+    report = BuildReport(out)
+    with folder_lock(out, echo):
+        clear_stale(out)
+        manifest = open_manifest(out, profile.name, rebuild_manifest, echo)
+        manifest.name, manifest.profile = profile.name, _profile_json(profile)
+        checkpoints: dict[str, Checkpoint] = {}
+        fingerprints: dict[str, str] = {}
+        for expert in profile.experts:
+            echo(f"reading {expert.name} weights from {expert.weights}")
+            ckpt = load_checkpoint(expert.weights, preset=profile.config)
+            checkpoints[expert.name] = ckpt
+            fingerprints[expert.name] = weights_fingerprint(ckpt.tensors, ckpt.files)
+            manifest.experts[expert.name] = ExpertRecord(
+                str(Path(expert.weights).resolve()), fingerprints[expert.name], ckpt.layout,
+                {**profile.config.to_diffusers(), "name": profile.config.name})
+        manifest.boundary = profile.boundary
+        write_manifest(out, manifest)
+
+        if "fp16" in profile.precisions:
+            echo("note: fp16 chosen; Wan's activations are known to overflow in FP16 (bf16 is the default and "
+                 "keeps fp32's range)")
+        calls = None
+        if profile.calibration is not None and any(calibrated(p, b) for p in profile.precisions
+                                                   for b in profile.backends):
+            echo(f"reading calibration calls from {profile.calibration}")
+            calls = load_calls(profile.calibration, profile.config, tuple(e.name for e in profile.experts),
+                               profile.boundary)
+        planned = plan_entries(profile, fingerprints, device, calls)
+        for entry in planned:  # before building anything: every calibrated entry this machine builds has calls
+            if calls is not None and entry.calibrated and not entry.calibration \
+                    and builder(entry.backend).unavailable(Precision(entry.precision), device) is None:
+                calls_for(calls, entry.expert.name, entry.shape, entry.label())
+        loaded: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
+
+        def tensors_for(entry: PlannedEntry) -> dict[str, torch.Tensor]:
+            """The expert's weights in the entry's dtype on the build device, made once per expert and
+            dtype (on a GPU each is a full host-to-device copy); one expert's are kept at a time."""
+            key = (entry.expert.name, Precision(entry.precision).dtype)
+            if key not in loaded:
+                if any(name != key[0] for name, _ in loaded):
+                    loaded.clear()
+                loaded[key] = materialize(checkpoints[key[0]].tensors, parameter_shapes(profile.config), key[1],
+                                          device)
+            return loaded[key]
+
+        progress = _Progress(len(planned), echo)
+        for i, entry in enumerate(planned, 1):
+            prefix = f"[{i}/{len(planned)}] {entry.label()}"
+            result = _build_one(entry, tensors_for, profile, out, manifest, device, allow_mismatch, echo, prefix)
+            if result.status in ("built", "rebuilt"):
+                try:
+                    write_manifest(out, manifest)
+                except FolderError as e:  # the entry is in place but unrecorded: take it out again
+                    manifest.entries.pop(entry.id, None)
+                    remove(out / entry.id)
+                    result = EntryResult(entry, "failed", result.seconds, None, str(e))
+                progress.durations.append(result.seconds)
+            report.results.append(result)
+            err = "" if result.relative_error is None else f", parity rel {result.relative_error:.1e}"
+            echo(f"{prefix}: {result.status} in {result.seconds:.1f}s{err}"
+                 + (f" ({result.message})" if result.message else "") + progress.eta(i))
+    return report
+
+
+def _build_one(entry: PlannedEntry, tensors_for: Callable[[PlannedEntry], dict[str, torch.Tensor]],
+               profile: Profile, out: Path, manifest: Manifest, device: torch.device, allow_mismatch: bool,
+               echo: Echo, prefix: str) -> EntryResult:
+    start = time.perf_counter()
+    status = "built"
+    existing = manifest.entries.get(entry.id)
+    if existing is not None:
+        problem = check_kept(existing, out)
+        if problem is None:
+            return EntryResult(entry, "kept", time.perf_counter() - start, existing.parity.relative)
+        echo(f"{prefix}: rebuilding ({problem})")
+        status = "rebuilt"
+    elif entry.id in manifest.raw_bad_entries:
+        echo(f"{prefix}: rebuilding (its manifest record is malformed: {manifest.bad_entries.get(entry.id)})")
+        status = "rebuilt"
+    reason = builder(entry.backend).unavailable(Precision(entry.precision), device)
+    if reason:
+        return EntryResult(entry, "skipped", 0.0, None, reason)
+    echo(f"{prefix}: building")
+    tmp = out / f".partial-{entry.id}-{os.getpid()}"
+    try:
+        record = build_files(entry, tensors_for(entry), profile, tmp, out / WEIGHTS_STORE, device, allow_mismatch,
+                             lambda stage: echo(f"{prefix}: {stage}"), start)
+        install(tmp, out / entry.id)
+    except Exception as e:  # every way an entry fails: it alone is marked failed, with one line
+        remove(tmp)
+        return EntryResult(entry, "failed", time.perf_counter() - start, None,
+                           one_line(e) if isinstance(e, BuildFailed) else f"{entry.label()}: {one_line(e)}")
+    except BaseException:
+        remove(tmp)
+        raise
+    manifest.entries[entry.id] = record
+    manifest.raw_bad_entries.pop(entry.id, None)
+    manifest.bad_entries.pop(entry.id, None)
+    return EntryResult(entry, status, record.build_seconds, record.parity.relative,
+                       "PARITY FAILED, kept by --allow-mismatch" if record.allow_mismatch else "")
+
+
+def build_files(entry: PlannedEntry, tensors: dict[str, torch.Tensor], profile: Profile, folder: Path, store: Path,
+                device: torch.device, allow_mismatch: bool, stage: Echo = lambda s: None,
+                start: float | None = None) -> Entry:
+    """Build `entry` into `folder` (created here) and return its record; raises on any failure."""
+    start = time.perf_counter() if start is None else start
+    config, shape = profile.config, entry.shape
+    dtype = Precision(entry.precision).dtype
+    backend = builder(entry.backend)
+    model = StaticWanTransformer.from_parameters(config, shape, tensors).eval()
+    inputs = model.example_inputs(seed=PARITY_SEED, dtype=dtype, device=device)
+    folder.mkdir(parents=True)
+    video = (entry.spec.frames, entry.spec.height, entry.spec.width)
+    draft = Entry(entry.id, entry.backend, entry.precision, entry.expert.name, shape, video, shape.tokens(config),
+                  input_infos(model.input_specs(dtype)), input_infos([model.output_spec(dtype)]), {}, tool_versions(),
+                  device_info(device), entry.identity["weights"], ParityInfo(math.nan, math.nan, math.nan, math.nan),
+                  onnx_opset=entry.identity.get("onnx_opset"), options=backend.options(profile))
+    job = Job(entry, model, inputs, profile, folder, store, device, draft, stage)
+    stage(f"building the {entry.backend} engine")
+    out, reference = backend.build(job)
+    parity = gate(out, reference, entry.precision)
+    stage(f"parity {parity.describe()}")
+    if not parity.passed and not allow_mismatch:
+        raise BuildFailed(f"parity failed for {entry.label()}: {parity.describe()}; "
+                          "the engine was not written (--allow-mismatch keeps it, marked in the manifest)")
+    quantization_error = job.record.get("quantization_error")
+    write_atomic(folder / PARITY_FILE, (json.dumps(
+        {"seed": PARITY_SEED, "reference": f"eager {entry.precision}", "sample": parity.to_json(),
+         "quantization_error": quantization_error}, indent=2) + "\n").encode())
+    # the large files were hashed as they were stored (share_weights); the memo serves them here
+    files = {p.name: FileInfo(sha256_file(p), p.stat().st_size)
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != ENTRY_FILE}
+    record = dataclasses.replace(
+        draft, files=files, versions={**draft.versions, **job.record.get("versions", {})}, parity=parity,
+        allow_mismatch=not parity.passed, quantization_error=quantization_error, build=job.record.get("build", {}),
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        build_seconds=round(time.perf_counter() - start, 2))
+    write_atomic(folder / ENTRY_FILE, record.to_bytes())
+    return record
+
+
+def _profile_json(profile: Profile) -> dict[str, Any]:
+    return {"name": profile.name, "source": str(profile.source), "preset": profile.preset,
+            "precisions": list(profile.precisions), "backends": list(profile.backends),
+            "shapes": [vars(s) for s in profile.shapes], "text_tokens": profile.text_tokens,
+            "device": profile.device, "onnx_opset": profile.onnx_opset,
+            "experts": {e.name: str(e.weights) for e in profile.experts}, "boundary": profile.boundary}
+
+
+__all__ = ["BuildFailed", "BuildReport", "EntryResult", "PlannedEntry", "build", "build_files", "plan_entries"]

@@ -1,0 +1,74 @@
+"""What a profile asks to build: one `PlannedEntry` per (expert x shape x precision x backend), with
+its id, the hash of exactly the fields that change its engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from runtime.manifest import device_info, entry_id, tool_versions
+from runtime.precision import Precision
+from runtime.static import StaticShape
+
+from ..backends import builder
+from ..profiles import Expert, Profile, ShapeSpec
+from ..quantize.calibration import Call, fingerprint
+
+
+@dataclass(frozen=True)
+class PlannedEntry:
+    expert: Expert
+    spec: ShapeSpec
+    shape: StaticShape
+    precision: str
+    backend: str
+    id: str
+    identity: dict[str, Any]
+    calibration: tuple[Call, ...] = ()  # recorded calls this entry calibrates on (fp8/nvfp4 tensorrt)
+
+    def label(self) -> str:
+        return f"{self.expert.name} {self.spec.label()} {self.precision} {self.backend}"
+
+    @property
+    def calibrated(self) -> bool:
+        return calibrated(self.precision, self.backend)
+
+
+def calibrated(precision: str, backend: str) -> bool:
+    """Entries whose quantization scales are calibrated (the others quantize at run time or not at all)."""
+    return builder(backend).calibrates(Precision(precision))
+
+
+def shape_identity(shape: StaticShape, config) -> dict[str, Any]:
+    return {"batch": shape.batch, "latent_frames": shape.latent_frames, "latent_height": shape.latent_height,
+            "latent_width": shape.latent_width, "tokens": shape.tokens(config), "text_tokens": shape.text_tokens,
+            "image_tokens": shape.image_tokens, "per_token_timesteps": shape.per_token_timesteps}
+
+
+def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.device,
+                 calls: list[Call] | None = None) -> list[PlannedEntry]:
+    """Every entry the profile asks for, with its id. With `calls` (the profile's calibration data),
+    calibrated entries get those of their expert and shape (checked by `build` before building)."""
+    versions = tool_versions()
+    dev = device_info(device)
+    config = {k: v for k, v in profile.config.to_diffusers().items() if not k.startswith("_")}
+    out = []
+    for expert in profile.experts:
+        for spec in profile.shapes:
+            shape = profile.static_shape(spec)
+            for precision in profile.precisions:
+                for backend in profile.backends:
+                    identity = {"backend": backend, "precision": precision, "config": config,
+                                "weights": fingerprints[expert.name], "shape": shape_identity(shape, profile.config),
+                                "torch": versions["torch"], **builder(backend).identity(profile, dev, versions)}
+                    mine: tuple[Call, ...] = ()
+                    if calibrated(precision, backend):
+                        identity["modelopt"] = versions["modelopt"]
+                        if calls:
+                            mine = tuple(c for c in calls if c.expert == expert.name and c.shape == shape)
+                            identity["calibration"] = fingerprint([c.file for c in mine])
+                    out.append(PlannedEntry(expert, spec, shape, precision, backend, entry_id(identity), identity,
+                                            mine))
+    return out

@@ -17,7 +17,7 @@ import torch
 from runtime.backends import backend
 from runtime.config import WanConfig
 from runtime.errors import WanBuildError
-from runtime.integrity import weights_fingerprint
+from runtime.integrity import HASHED, HashStats, weights_fingerprint
 from runtime.manifest import Entry, EngineError, capability_of, check_files, read_manifest, tool_versions
 from runtime.precision import Precision
 from runtime.static import StaticWanTransformer, parameter_shapes
@@ -67,6 +67,8 @@ class Verified:
 class Verification:
     results: list[Verified]
     digest: str  # of the manifest as read
+    hashed: HashStats  # what the checks read
+
 
     @property
     def passed(self) -> bool:
@@ -76,6 +78,7 @@ class Verification:
 def verify(folder: Path, echo: Callable[[str], None] = print) -> Verification:
     """Re-hash every file in full, then load and re-run every entry's parity check against eager."""
     folder = Path(folder)
+    before = HASHED.snapshot()
     manifest = read_manifest(folder)
     results = [Verified(None, "failed", f"malformed: {reason}", key) for key, reason in manifest.bad_entries.items()]
     checkpoints: dict[str, object] = {}
@@ -120,7 +123,7 @@ def verify(folder: Path, echo: Callable[[str], None] = print) -> Verification:
             materialized[key] = materialize(ckpt.tensors, parameter_shapes(config), key[1], device)
         results.append(rerun_parity(entry, folder, config, materialized[key], device))
         echo(f"{entry.describe()}: {results[-1].status} ({results[-1].detail})")
-    return Verification(results, manifest.digest)
+    return Verification(results, manifest.digest, HASHED.since(before))
 
 
 def rerun_parity(entry: Entry, folder: Path, config: WanConfig, tensors: dict[str, torch.Tensor],

@@ -299,12 +299,15 @@ def verify(
     result = _run(lambda: run_verify(require_folder(folder), echo=lambda s: None))
     if json_out:
         typer.echo(json.dumps({"folder": str(folder), "digest": result.digest, "passed": result.passed,
+                               "hashed": {"files": result.hashed.files, "bytes": result.hashed.bytes,
+                                          "seconds": round(result.hashed.seconds, 3)},
                                "entries": [{"id": r.id, "status": r.status, "detail": r.detail}
                                            for r in result.results]}, indent=2))
     elif print_digest and result.passed:
         typer.echo(result.digest)
     else:
         typer.echo("\n".join(verify_table(result.results)))
+        typer.echo(f"checked: {result.hashed.describe()}")
         if result.passed:
             typer.echo(f"manifest digest: {result.digest} (pin it: load_engines(folder, trusted=...))")
     if not result.passed:

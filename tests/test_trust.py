@@ -380,7 +380,8 @@ def test_routing_follows_to_dtype(built):
 
 
 def test_an_entry_for_another_device_is_refused_before_loading(built, tmp_path, monkeypatch):
-    """A package compiled for CUDA, given to a CPU model, is refused up front with that reason."""
+    """A package compiled for CUDA, given to a CPU model, is refused up front with that reason (guards a
+    removed device check in the AOTInductor backend's compatibility rule)."""
     folder = copy(built, tmp_path)
     eid = entry_of(folder, "aoti")["id"]
     _rewrite(folder, lambda m: m["entries"][eid].update(device={"type": "cuda", "name": "H200",
@@ -393,6 +394,7 @@ def test_an_entry_for_another_device_is_refused_before_loading(built, tmp_path, 
 
 
 def test_a_failed_load_is_tried_once(built, tmp_path, monkeypatch):
+    """Guards an engine that fails to load being retried on every call (one attempt, one refusal)."""
     folder = copy(built, tmp_path)
     calls = []
 
@@ -592,3 +594,73 @@ def test_a_planted_lock_is_refused(built, tmp_path, kind):
 
 def test_engine_errors_are_user_errors():
     assert issubclass(ManifestError, EngineError)
+
+
+# -- the parity gate and full checks (issue: tests that catch the bugs that matter) --------------------------
+def test_the_parity_gate_at_each_side_of_every_tolerance():
+    """Guards a loosened or tightened tolerance and a flipped comparison in the gate: an output off by
+    0.9x its precision's tolerance passes, 1.1x fails; fp32's is the product's promise (1e-5), and the
+    README's table states every precision's."""
+    from builder.build.parity import gate
+    from runtime.precision import Precision
+
+    assert Precision.FP32.parity_tolerance == 1e-5
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 16, 2, 4, 6, generator=g, dtype=torch.float64)
+    noise = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    noise *= ref.norm() / noise.norm()  # relative size 1
+    for p in Precision:
+        tol = p.parity_tolerance
+        assert f"| {p.value} | {tol:g} |" in readme, p
+        assert gate(ref + 0.9 * tol * noise, ref, p.value).passed, p
+        assert not gate(ref + 1.1 * tol * noise, ref, p.value).passed, p
+        assert not gate(ref * float("nan"), ref, p.value).passed and not gate(ref[:1], ref, p.value).passed
+
+
+@pytest.mark.parametrize("scale,status", [(0.5, "built"), (2.0, "failed")])
+def test_the_build_gates_each_engine_by_its_tolerance(built, tmp_path, monkeypatch, scale, status):
+    """Guards the build skipping or loosening its gate: an engine whose output is off by `scale` times
+    the fp32 tolerance is written (0.5x) or refused with nothing written (2x)."""
+    from builder.backends.onnxruntime import OnnxRuntimeBuilder
+
+    real = OnnxRuntimeBuilder.build
+
+    def off_by(self, job):
+        out, reference = real(self, job)
+        g = torch.Generator().manual_seed(1)
+        noise = torch.randn(reference.shape, generator=g)
+        return reference + noise * (scale * 1e-5 * reference.norm() / noise.norm()), reference
+    monkeypatch.setattr(OnnxRuntimeBuilder, "build", off_by)
+    shutil.copytree(built / "w", tmp_path / "w")
+    (tmp_path / "p.yaml").write_text(profile_text(precision="fp32", backends="onnxruntime"))
+    report = build(load_profile(tmp_path / "p.yaml"), tmp_path / "out", echo=lambda s: None)
+    assert [r.status for r in report.results] == [status], report.table()
+    entries = manifest_of(tmp_path / "out")["entries"]
+    assert len(entries) == (1 if status == "built" else 0)
+    if status == "failed":
+        assert "parity failed" in report.results[0].message
+        assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == ["manifest.json"]
+    else:
+        assert 0.4e-5 < next(iter(entries.values()))["parity"]["relative"] < 0.6e-5
+
+
+def test_full_check_rehashes_what_this_process_already_hashed(built, tmp_path, monkeypatch):
+    """Guards full_check or verify trusting the in-process hash memo: with file identities that cannot
+    tell the change (coarse time stamps), the default check trusts its memo, full_check does not."""
+    import runtime.integrity as integrity
+
+    folder = copy(built, tmp_path)
+    entry = entry_of(folder, "aoti")
+    path = folder / entry["id"] / "engine.pt2"
+    monkeypatch.setattr(integrity, "file_key", lambda p: (os.stat(p).st_ino, os.stat(p).st_size))
+    WanTransformer.from_pretrained(built / "w", engines=folder, backends=["aoti"])  # hashed, remembered
+    flip_byte_keep_time(path)
+    trusting = WanTransformer.from_pretrained(built / "w", engines=folder, backends=["aoti"])
+    assert not trusting.engines.refusals  # the memo said "unchanged": the price of not re-reading
+    full = WanTransformer.from_pretrained(built / "w", engines=folder, backends=["aoti"], full_check=True)
+    assert any("fails its sha256 check" in why for _, why in full.engines.refusals.values())
+    assert next(r for r in verify(folder, echo=lambda s: None).results if r.id == entry["id"]).status == "failed"
+    with torch.no_grad():
+        trusting(*inputs())  # and the load itself hashes the bytes it runs
+    assert trusting.last_route.backend == "eager" and "sha256" in trusting.last_route.reason

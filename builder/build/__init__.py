@@ -121,7 +121,7 @@ class _Progress:
         self.total, self.echo, self.durations = total, echo, []
 
     def eta(self, done: int) -> str:
-        if not self.durations:
+        if not self.durations or done >= self.total:
             return ""
         left = (self.total - done) * sum(self.durations) / len(self.durations)
         return f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"

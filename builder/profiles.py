@@ -164,6 +164,10 @@ class _Ctx:
         return p if p.is_absolute() else Path(os.path.normpath(self.file.parent / p))
 
 
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
 def _positive(v: int) -> str | None:
     return None if v >= 1 else f"must be >= 1 (got {v})"
 
@@ -302,7 +306,7 @@ def _tensorrt(ctx: _Ctx, node: yaml.Node) -> TensorRTOptions:
     if "optimization_level" in f:
         kw["optimization_level"] = ctx.choice(f["optimization_level"][1], "tensorrt.optimization_level",
                                               (0, 1, 2, 3, 4, 5))
-    if "timing_cache" in f:
+    if "timing_cache" in f and not _is_null(f["timing_cache"][1]):  # null: the default cache
         kw["timing_cache"] = ctx.path(f["timing_cache"][1], "tensorrt.timing_cache")
     if "hardware_compatibility" in f:
         kw["hardware_compatibility"] = ctx.choice(f["hardware_compatibility"][1], "tensorrt.hardware_compatibility",

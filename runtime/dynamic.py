@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from .compiled import compile_blocks, describe as describe_compiled, uncompile_blocks, why as compile_error
 from .config import LatentSize, WanConfig, check_latent_size, get_preset
 from .engines import EngineSet
 from .errors import GeometryError, InputError
@@ -71,9 +72,11 @@ class WanTransformer(nn.Module):
     """Wan DiT with a diffusers-compatible `forward`, served by fixed-shape models."""
 
     def __init__(self, config: WanConfig, tensors: Mapping[str, torch.Tensor] | None = None,
-                 max_cached_shapes: int = 4):
+                 max_cached_shapes: int = 4, compile: bool = False):
         super().__init__()
         self.wan_config = config
+        self.compile_blocks = bool(compile)  # see runtime.compiled
+        self._compile_failed: dict[StaticShape, str] = {}
         self.config = DiffusersConfig(config.to_diffusers())
         self.max_cached_shapes = max(1, int(max_cached_shapes))
         self.last_route: Route | None = None
@@ -99,7 +102,7 @@ class WanTransformer(nn.Module):
                         fp8_scaling: str = "rowwise", engines: str | Path | None = None,
                         strict: bool = False, backends: list[str] | None = None, full_check: bool = False,
                         trusted: str | None = None, allow_mismatch: bool = False,
-                        max_cached_shapes: int = 4) -> "WanTransformer":
+                        max_cached_shapes: int = 4, compile: bool = False) -> "WanTransformer":
         """Load a diffusers or original-layout checkpoint (see `runtime.weights`), memory-mapped.
 
         `torch_dtype` follows diffusers: the time embedder, modulation tables and affine norms stay
@@ -115,6 +118,9 @@ class WanTransformer(nn.Module):
         entry's files at open. `trusted="sha256:..."` (from `wan-build verify --print-digest`) refuses
         the folder unless its manifest is exactly the pinned one. Entries built with
         `--allow-mismatch` are refused unless `allow_mismatch=True`, which serves them with a warning.
+
+        `compile=True`: calls that no engine serves run their static model compiled with
+        torch.compile, regionally (`runtime.compiled`); a compile failure falls back to eager.
         """
         if isinstance(preset, str):
             preset = get_preset(preset)
@@ -123,7 +129,7 @@ class WanTransformer(nn.Module):
         shapes = parameter_shapes(checkpoint.config)
         check_tensors(shapes, checkpoint.tensors, str(path))
         tensors = materialize(checkpoint.tensors, shapes, torch_dtype, device)
-        model = cls(checkpoint.config, tensors, max_cached_shapes=max_cached_shapes)
+        model = cls(checkpoint.config, tensors, max_cached_shapes=max_cached_shapes, compile=compile)
         model.requires_grad_(False)
         if quantize is not None:
             if quantize != "fp8" or model.dtype != torch.bfloat16:
@@ -219,6 +225,19 @@ class WanTransformer(nn.Module):
         else:
             reason = "no engine folder given"
         model, how = self._eager_model(shape)
+        if self.compile_blocks and shape not in self._compile_failed:
+            try:
+                out = model(*inputs)
+            except Exception as e:  # a compile error must not fail the call: back to eager, say why
+                self._compile_failed[shape] = compile_error(e)
+                uncompile_blocks(model)
+                log.warning("torch.compile failed for %s (%s); this shape runs eager", shape.describe(),
+                            self._compile_failed[shape])
+            else:
+                self.last_route = Route("compiled", shape, f"{reason}; {how}, {describe_compiled(model)}")
+                return out
+        if shape in self._compile_failed:
+            how += f"; torch.compile failed ({self._compile_failed[shape]})"
         self.last_route = Route("eager", shape, f"{reason}; {how}")
         return model(*inputs)
 
@@ -232,6 +251,8 @@ class WanTransformer(nn.Module):
             self._eager.move_to_end(shape)
             return model, "eager static model (cached)"
         model = StaticWanTransformer.from_parameters(self.wan_config, shape, dict(self.named_parameters()))
+        if self.compile_blocks and shape not in self._compile_failed:
+            compile_blocks(model)
         self._eager[shape] = model
         if len(self._eager) > self.max_cached_shapes:
             old, _ = self._eager.popitem(last=False)
@@ -334,7 +355,7 @@ def check_device(device: torch.device | str) -> torch.device:
 
 
 def _timestep(timestep: Any, batch: int, tokens: int) -> tuple[torch.Tensor, bool]:
-    """Scalar, [1], [B], [B, L] or [1, L] -> [B] or [B, L] (and whether it is per token)."""
+    """Scalar, [1], [B], [B, 1], [1, 1], [B, L] or [1, L] -> [B] or [B, L] (and whether it is per token)."""
     if isinstance(timestep, torch.Tensor):
         t = timestep
     elif isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
@@ -346,10 +367,12 @@ def _timestep(timestep: Any, batch: int, tokens: int) -> tuple[torch.Tensor, boo
         raise InputError("timestep is on the meta device (it has no values); pass a real tensor")
     if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
         raise InputError(f"timestep must hold real numbers, got {t.dtype}")
-    if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
+    if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1) or (t.ndim == 2 and tuple(t.shape) == (1, 1)):
         return t.reshape(1).expand(batch), False
     if t.ndim == 1 and t.shape[0] == batch:
         return t, False
+    if t.ndim == 2 and tuple(t.shape) == (batch, 1) and tokens != 1:  # diffusers: one value per sample
+        return t.reshape(batch), False
     if t.ndim == 2 and t.shape[0] in (1, batch) and t.shape[1] == tokens:
         return t.expand(batch, tokens), True
     raise InputError(f"timestep has shape {list(t.shape)}; expected a scalar, [{batch}] or [{batch}, {tokens}] "

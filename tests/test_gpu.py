@@ -1,5 +1,9 @@
 """GPU-only checks: FP8 on real tensor cores, AOTInductor engines built and routed on CUDA, and no
-host synchronisation inside the static forward. Skipped cleanly without a CUDA GPU."""
+host synchronisation inside the static forward. Skipped cleanly without a CUDA GPU; every skip says
+why. What of this can run on a CPU runs there in other files: the FP8 math (torch emulates the FP8
+matmul) and the compiled quantizer in test_fp8.py, AOTInductor engines in test_engines.py and
+bench/gpu.py's compiled variants in test_bench.py; NVFP4 calibration refuses the CPU by design
+(test_nvfp4.py checks that it says so)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from runtime import WanTransformer, get_preset
 from runtime.fp8 import Fp8Linear, fp8_reference
 
 from .conftest import make_inputs, relative_error
+from .test_fp8 import fp8_by_the_book
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -21,19 +26,28 @@ def fp8_capable() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-@pytest.mark.skipif(not fp8_capable(), reason="needs FP8 tensor cores (compute capability >= 8.9)")
+FP8_SKIP = ("needs FP8 tensor cores (compute capability >= 8.9); "
+            + (f"this GPU is {'.'.join(map(str, torch.cuda.get_device_capability()))}" if torch.cuda.is_available()
+               else "no CUDA GPU here"))
+
+
+@pytest.mark.skipif(not fp8_capable(), reason=FP8_SKIP)
 @pytest.mark.parametrize("scaling", ["rowwise", "tensor"])
 def test_fp8_linear_on_tensor_cores(scaling):
+    """cuBLASLt's FP8 matmul against the FP8 arithmetic written out in test_fp8.py (float64) and
+    against the layer's own dequantized math. Guards against scales the tensor-core path applies
+    differently from the CPU emulation (e.g. a transposed or misplaced scale)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(512, 1024, device="cuda").to(torch.bfloat16)
     layer = Fp8Linear.from_linear(linear, scaling)
     x = torch.randn(4, 300, 512, device="cuda").to(torch.bfloat16)
     out = layer(x)
+    assert relative_error(out, fp8_by_the_book(x, linear.weight, linear.bias, scaling)) < 1e-2
     assert relative_error(out, fp8_reference(layer, x)) < 1e-2
     assert relative_error(out, linear(x)) < 0.08
 
 
-@pytest.mark.skipif(not fp8_capable(), reason="needs FP8 tensor cores (compute capability >= 8.9)")
+@pytest.mark.skipif(not fp8_capable(), reason=FP8_SKIP)
 def test_fp8_quantizer_is_compiled_on_cuda_and_equals_the_plain_one():
     from runtime import fp8
 
@@ -120,7 +134,7 @@ def test_nvfp4_calibration_with_model_optimizer(tmp_path, dtype):
     check; the emulation of the engine agrees with Model Optimizer's own fake quantization. Bounds
     are first estimates, set before this ran on a GPU (the CPU run of the same arithmetic gave a
     2.7% error against the unquantized model)."""
-    pytest.importorskip("modelopt")
+    pytest.importorskip("modelopt", reason="needs NVIDIA Model Optimizer (pip install nvidia-modelopt)")
     from builder.build.export import export_onnx
     from builder.quantize.nvfp4 import insert_nvfp4_qdq
     from builder.build.onnx_check import check_for_tensorrt

@@ -234,7 +234,7 @@ def mode_memory(config: WanConfig, shape: StaticShape, precision: str, mode: str
         return serving_memory(config, shape, precision)
     if mode == "offload":
         return serving_memory(config, shape, precision, experts_resident=1)
-    streamed = 1 - 2 / config.num_layers
+    streamed = 1 - min(2, config.num_layers) / config.num_layers  # two blocks resident (fewer if there are fewer)
     return serving_memory(config, shape, precision, experts_resident=1, streamed_fraction=streamed)
 
 

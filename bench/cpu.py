@@ -65,11 +65,11 @@ def time_rounds(variants: dict[str, Callable[[], torch.Tensor]], rounds: int) ->
 def front_overhead_us(model: WanTransformer, x, t, ctx, n: int = 2000) -> float:
     """Microseconds per call of what the front adds over the engine: checks, casts, routing."""
     shape, inputs = model.prepare_inputs(x, t, ctx, None)
-    model.engines.route(shape, model.device, lambda: model._constants(shape))
+    model.engines.route(shape, model.precision, model.device, lambda: model._eager_model(shape)[0])
     start = time.perf_counter()
     for _ in range(n):
         shape, inputs = model.prepare_inputs(x, t, ctx, None)
-        model.engines.route(shape, model.device, lambda: model._constants(shape))
+        model.engines.route(shape, model.precision, model.device, lambda: model._eager_model(shape)[0])
     return 1e6 * (time.perf_counter() - start) / n
 
 
@@ -112,7 +112,8 @@ def main() -> None:
                     front = WanTransformer.from_pretrained(root / "weights", dtype, engines=root / "engines",
                                                            backends=[backend])
                     shape, prepared = front.prepare_inputs(xx, t, cc, None)
-                    engine, _, _ = front.engines.route(shape, front.device, lambda f=front, s=shape: f._constants(s))
+                    engine, _, _ = front.engines.route(shape, front.precision, front.device,
+                                                       lambda f=front, s=shape: f._eager_model(s)[0])
                     if engine is None:
                         continue  # e.g. ONNX Runtime has no bf16 CPU kernels: never built
                     fronts[f"{backend} {tag}"] = (front, xx, cc)

@@ -54,7 +54,7 @@ CASES = {
     "full480": ("wan2.1-t2v-14b", (21, 60, 104), "full"),
 }
 TINY_LATENT = (3, 8, 12)
-VARIANT_KINDS = ("diffusers", "cudagraph", "compile", "aoti", "fp8", "micro", "fp32")
+VARIANT_KINDS = ("diffusers", "cudagraph", "compile", "inductor", "aoti", "fp8", "micro", "fp32")
 
 
 class Bench:
@@ -509,6 +509,40 @@ def full_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, in
             b.record(name, variant, fn, flops, reference, repeats=repeats, warmup=1)
 
         record("ours eager", lambda: model(*inputs))
+        if "compile" not in skip and b.left() > 120:
+            # the compiled route (compile=True): one block's code for every block, compile time recorded
+            from runtime.compiled import compile_blocks, uncompile_blocks
+
+            compile_blocks(model)
+            start = time.perf_counter()
+            model(*inputs)
+            b.sync()
+            case["ours compiled: first call s"] = round(time.perf_counter() - start, 1)
+            record("ours compiled (regional)", lambda: model(*inputs))
+            uncompile_blocks(model)
+        if "inductor" not in skip and b.left() > 120:
+            # the `inductor` artifact: compiled once here, loaded back as a fresh process would load it
+            from builder.backends.inductor import compile_block
+            from runtime.backends.inductor import available_form
+
+            form = available_form()
+            start = time.perf_counter()
+            data = compile_block(model, inputs, form)
+            case["inductor artifact: compile s"] = round(time.perf_counter() - start, 1)
+            case["inductor artifact: bytes"] = len(data)
+            from runtime.backends import input_infos
+            from runtime.backends.inductor import InductorEngine
+            from runtime.manifest import Entry, ParityInfo
+
+            entry = Entry("0" * 16, "inductor", "bf16", "main", shape, None, shape.tokens(config),
+                          input_infos(model.input_specs(torch.bfloat16)), (), {}, {}, {}, "",
+                          ParityInfo(0, 0, 1, 1))
+            start = time.perf_counter()
+            engine = InductorEngine(entry, b.device, model, form, data)
+            case["inductor artifact: load s"] = round(time.perf_counter() - start, 1)
+            record(f"ours inductor artifact ({form})", lambda: engine(*inputs))
+            if engine.fell_back:
+                case["inductor artifact: fell back"] = engine.fell_back
         if "diffusers" not in skip and b.left() > 60:
             try:
                 from diffusers import WanTransformer3DModel
@@ -522,6 +556,18 @@ def full_case(b: Bench, name: str, config: WanConfig, latent: tuple[int, int, in
                 ref.rope = WanRotaryPosEmbed(config.head_dim, config.patch_size, config.rope_max_seq_len).to(b.device)
                 ref = ref.eval()
                 record("diffusers", lambda: ref(*inputs, return_dict=False)[0])
+                if "compile" not in skip and b.left() > 120:
+                    # as diffusers documents regional compilation (compile_repeated_blocks), else per block
+                    if hasattr(ref, "compile_repeated_blocks"):
+                        ref.compile_repeated_blocks(fullgraph=True)
+                    else:
+                        for blk in ref.blocks:
+                            blk.compile(fullgraph=True)
+                    start = time.perf_counter()
+                    ref(*inputs, return_dict=False)
+                    b.sync()
+                    case["diffusers compiled: first call s"] = round(time.perf_counter() - start, 1)
+                    record("diffusers + torch.compile", lambda: ref(*inputs, return_dict=False)[0])
                 del ref
             except ImportError as e:
                 print(f"  {name} diffusers: not importable ({e})")
@@ -540,6 +586,14 @@ def print_table(b: Bench) -> None:
     for case, variant, ms, p25, p75, tf, floor, ratio, err in b.rows:
         print(f"{case:9s} {variant:30s} {ms:9.2f} {p25:7.2f}-{p75:<7.2f} {tf:8.0f} {floor:9.2f} {ratio:8.2f} "
               f"{err:8.1e}")
+    for case, layers in b.results.get("full_layers", {}).items():
+        # every block costs the same; embeddings and head are under 1% of a forward (wan-architecture 9)
+        factor = layers["model"] / layers["timed"]
+        print(f"{case}: timed {layers['timed']} of {layers['model']} layers; per-block extrapolation to all layers "
+              f"(x{factor:g}, an estimate):")
+        for row_case, variant, ms, *_ in b.rows:
+            if row_case == case:
+                print(f"  {variant:30s} {ms * factor / 1000:8.2f} s per forward (estimated)")
 
 
 def main() -> None:
@@ -551,6 +605,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="toy sizes (tiny presets), to check the harness")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--full-layers", type=int, default=0,
+                        help="layers of the full-forward case (default: the model's); fewer to fit a time budget, "
+                             "the table then also gives the per-block extrapolation to all layers")
     parser.add_argument("--budget", type=float, default=400.0, help="seconds; compiles are skipped past it")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("BENCH_OUT") or os.environ.get("OUT")
                                                              or "bench-out"))
@@ -570,6 +627,9 @@ def main() -> None:
         if args.tiny:
             latent = TINY_LATENT
             config = config.replace(num_layers=8) if kind == "full" else config
+        if kind == "full" and args.full_layers:
+            b.results.setdefault("full_layers", {})[case] = {"timed": args.full_layers, "model": config.num_layers}
+            config = config.replace(num_layers=args.full_layers)
         print(f"{case}: {config.name}, latent {latent} ({LatentSize(*latent).tokens(config)} tokens), "
               f"{b.left():.0f} s of budget left")
         try:

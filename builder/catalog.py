@@ -134,10 +134,9 @@ def rerun_parity(entry: Entry, folder: Path, config: WanConfig, tensors: dict[st
         tolerance = builder(entry.backend).verify_reference(entry, model)
     except WanBuildError as e:
         return Verified(entry, "failed", str(e))
-    constants = model.constants()
     inputs = model.example_inputs(seed=PARITY_SEED, dtype=precision.dtype, device=device)
     try:
-        engine = backend(entry.backend).load(entry, folder, device, constants)
+        engine = backend(entry.backend).load(entry, folder, device, model)
         with torch.no_grad():
             out, ref = engine(*inputs), model(*inputs)
     except Exception as e:  # report the library's error as a failed check

@@ -218,7 +218,7 @@ class WanTransformer(nn.Module):
         """Serve prepared inputs: the engine built for `shape`, else the eager static model."""
         if self.engines is not None:
             engine, entry, reason = self.engines.route(shape, self.precision, self.device,
-                                                       lambda: self._constants(shape))
+                                                       lambda: self._eager_model(shape)[0])
             if engine is not None:
                 self.last_route = Route(entry.backend, shape, reason)
                 return engine(*inputs)
@@ -240,10 +240,6 @@ class WanTransformer(nn.Module):
             how += f"; torch.compile failed ({self._compile_failed[shape]})"
         self.last_route = Route("eager", shape, f"{reason}; {how}")
         return model(*inputs)
-
-    def _constants(self, shape: StaticShape) -> dict[str, torch.Tensor]:
-        """Parameters plus the shape's tables, for engines that keep weights outside the artifact."""
-        return self._eager_model(shape)[0].constants()
 
     def _eager_model(self, shape: StaticShape) -> tuple[StaticWanTransformer, str]:
         model = self._eager.get(shape)

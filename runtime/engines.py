@@ -23,14 +23,14 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .backends import BACKENDS, Engine, backend
 from .integrity import HASHED, HashStats
 from .manifest import Entry, EngineError, Manifest, ManifestError, capability_of, check_files, read_manifest, tool_versions
-from .static import StaticShape
+from .static import StaticShape, StaticWanTransformer
 
 log = logging.getLogger("wan_build.runtime")
 
@@ -189,10 +189,10 @@ class EngineSet:
 
     # -- routing ------------------------------------------------------------------------------------
     def route(self, shape: StaticShape, precision: str | None, device: torch.device,
-              constants: Callable[[], Mapping[str, torch.Tensor]]) -> tuple[Engine | None, Entry | None, str]:
+              model: Callable[[], StaticWanTransformer]) -> tuple[Engine | None, Entry | None, str]:
         """(engine, entry, reason) for `shape` at `precision` on `device`; engine is None when the call
-        must fall back."""
-        engine, entry, reason = self._route(shape, precision, device, constants)
+        must fall back. `model()` gives the eager static model of `shape` (its tensors feed engines)."""
+        engine, entry, reason = self._route(shape, precision, device, model)
         if engine is None and self.malformed:
             key, why = next(iter(self.malformed.items()))
             more = f" and {len(self.malformed) - 1} more" if len(self.malformed) > 1 else ""
@@ -200,7 +200,7 @@ class EngineSet:
         return engine, entry, reason
 
     def _route(self, shape: StaticShape, precision: str | None, device: torch.device,
-               constants: Callable[[], Mapping[str, torch.Tensor]]) -> tuple[Engine | None, Entry | None, str]:
+               model: Callable[[], StaticWanTransformer]) -> tuple[Engine | None, Entry | None, str]:
         if self.folder_problem:
             return None, None, f"engine folder refused: {self.folder_problem}"
         key = _device_key(device)
@@ -218,7 +218,7 @@ class EngineSet:
                     continue
                 self.load_attempts[(entry.id, key)] += 1
                 try:
-                    engine = backend(entry.backend).load(entry, self.folder, torch.device(device), constants())
+                    engine = backend(entry.backend).load(entry, self.folder, torch.device(device), model())
                 except Exception as e:  # a library's own error: report it, fall back, never retry
                     first = (str(e).strip().splitlines() or [""])[0][:200]
                     self._refuse(entry, key, f"failed to load ({type(e).__name__}: {first})")

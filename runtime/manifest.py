@@ -42,6 +42,7 @@ FORMAT = 2
 ONNX_FILE, ONNX_DATA = "model.onnx", "model.onnx.data"
 FP4_DATA = "model.nvfp4.data"
 AOTI_FILE = "engine.pt2"
+INDUCTOR_FILE = "block.compiled"
 PLAN_FILE = "engine.plan"
 PARITY_FILE = "parity.json"
 ENTRY_FILE = "entry.json"  # the entry's own record, for rebuilding a lost manifest; not in `files`
@@ -76,8 +77,9 @@ def tool_versions() -> dict[str, str | None]:
 
     trt = next((v for v in (version(d) for d in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")) if v), None)
     ort = next((v for v in (version(d) for d in ("onnxruntime", "onnxruntime-gpu")) if v), None)
+    triton = next((v for v in (version(d) for d in ("triton", "pytorch-triton")) if v), None)
     return {"torch": torch.__version__, "onnx": version("onnx"), "onnxruntime": ort, "tensorrt": trt,
-            "modelopt": version("nvidia-modelopt"), "python": platform.python_version()}
+            "modelopt": version("nvidia-modelopt"), "triton": triton, "python": platform.python_version()}
 
 
 def device_info(device: torch.device | str) -> dict[str, Any]:

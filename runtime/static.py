@@ -343,6 +343,13 @@ def parameter_shapes(config: WanConfig) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in skeleton.named_parameters()}
 
 
+def call_block(block: "TransformerBlock", x: torch.Tensor, contexts: tuple[torch.Tensor, ...],
+               temb_proj: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+    """One transformer block, as a function of the block: what the `inductor` backend compiles once
+    per shape and runs for every block (the block's tensors are inputs, not constants)."""
+    return block(x, contexts, temb_proj, rope_cos, rope_sin)
+
+
 class StaticWanTransformer(nn.Module):
     """Wan DiT at one fixed shape. `forward(hidden_states, timestep, encoder_hidden_states)`,
     plus `encoder_hidden_states_image` for Wan2.1 I2V/FLF2V configs (constructing this class
@@ -350,6 +357,7 @@ class StaticWanTransformer(nn.Module):
 
     input_names: tuple[str, ...] = ("hidden_states", "timestep", "encoder_hidden_states")
     output_names: tuple[str, ...] = ("sample",)
+    block_call = staticmethod(call_block)
 
     def __new__(cls, config: WanConfig, shape: StaticShape):
         if cls is StaticWanTransformer and config.image_dim is not None:
@@ -461,9 +469,9 @@ class StaticWanTransformer(nn.Module):
         temb = ce.time_embedder(sinusoid.to(ce.time_embedder.linear_1.weight.dtype)).to(dtype)
         temb_proj = ce.time_proj(F.silu(temb)).unflatten(-1, (6, -1))  # [B, T, 6, d]
 
-        # 3. Blocks
+        # 3. Blocks (through `block_call`, which an engine may replace with its compiled block)
         for block in self.blocks:
-            x = block(x, contexts, temb_proj, self.rope_cos, self.rope_sin)
+            x = self.block_call(block, x, contexts, temb_proj, self.rope_cos, self.rope_sin)
 
         # 4. Head: modulated LayerNorm, projection, unpatchify [B, L, pt*ph*pw*C] -> [B, C, F, H, W]
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # [B, T, d]

@@ -20,7 +20,7 @@ def test_runtime_imports_without_build_only_packages():
     code = BLOCKER + ("import runtime, runtime.static, runtime.dynamic, runtime.weights, runtime.engines, "
                       "runtime.manifest, runtime.experts, runtime.backends, runtime.backends.aoti, runtime.integrity, "
                       "runtime.backends.onnxruntime, runtime.backends.tensorrt, runtime.precision\n"
-                      "assert len(runtime.backends.registry()) == 3\nprint('ok')")
+                      "assert len(runtime.backends.registry()) == 4\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 

@@ -383,7 +383,7 @@ def test_doctor_reports_this_machine():
         assert "tensorrt     no (tensorrt is not installed" in out
     if not torch.cuda.is_available():
         # from the backends' own rules: ONNX Runtime's CPU provider has no bf16, AOTInductor no FP8 on the CPU
-        rows = {line.split()[0]: line for line in out.splitlines()[-3:]}
+        rows = {line.split()[0]: line for line in out.splitlines()[-4:]}
         assert rows["onnxruntime"].split()[1:3] == ["fp32,", "fp16"] and "bf16" not in rows["onnxruntime"]
         assert "fp32, fp16, bf16" in rows["aoti"] and "fp8" not in rows["aoti"]
 
@@ -468,7 +468,7 @@ def test_verify_bounds_quantized_tensorrt_entries_by_their_recorded_error(monkey
     model = StaticWanTransformer(config, shape).eval().to(torch.bfloat16)
     entry = make_entry(config, shape, "tensorrt", precision="fp8", quantization_error={"relative": recorded})
 
-    def engine(entry, folder, device, constants):
+    def engine(entry, folder, device, model_at_shape):
         reference = StaticWanTransformer.from_parameters(config, shape, dict(model.named_parameters())).eval()
         return lambda *inputs: reference(*inputs) * (1 + scale_error)
 

@@ -77,10 +77,11 @@ _REGISTRY: dict[str, BuilderBackend] = {}
 def registry() -> dict[str, BuilderBackend]:
     if not _REGISTRY:
         from .aoti import AOTIBuilder
+        from .inductor import InductorBuilder
         from .onnxruntime import OnnxRuntimeBuilder
         from .tensorrt import TensorRTBuilder
 
-        found = {b.name: b for b in (TensorRTBuilder(), AOTIBuilder(), OnnxRuntimeBuilder())}
+        found = {b.name: b for b in (TensorRTBuilder(), AOTIBuilder(), InductorBuilder(), OnnxRuntimeBuilder())}
         _REGISTRY.update((name, found[name]) for name in BACKENDS)
     return _REGISTRY
 

@@ -25,8 +25,9 @@ import torch
 
 from ..manifest import Entry, TensorInfo
 from ..precision import Precision
+from ..static import StaticWanTransformer
 
-BACKENDS = ("tensorrt", "aoti", "onnxruntime")  # the runtime's default preference, fastest first
+BACKENDS = ("tensorrt", "aoti", "inductor", "onnxruntime")  # the runtime's default preference, fastest first
 ALIGNMENT = 64  # bytes; torch's allocators give 64 (CPU) and 512 (CUDA), kernels assume 16 or more
 
 
@@ -101,9 +102,10 @@ class Backend:
                         f"{versions.get(tool) or 'none'}")
         return self.runs(Precision(entry.precision), device, capability)
 
-    def load(self, entry: Entry, folder: Path, device: torch.device, constants: Mapping[str, torch.Tensor]) -> Engine:
-        """Load `entry` from `folder/<id>/`, whose files have passed their checks. `constants` are the
-        model's tensors (parameters and shape tables), for artifacts that keep weights outside."""
+    def load(self, entry: Entry, folder: Path, device: torch.device, model: StaticWanTransformer) -> Engine:
+        """Load `entry` from `folder/<id>/`, whose files have passed their checks. `model` is the eager
+        static model at the entry's shape: its tensors (`model.constants()`: parameters and shape
+        tables) are what artifacts that keep their weights outside are handed."""
         raise NotImplementedError
 
 
@@ -114,10 +116,11 @@ def registry() -> dict[str, Backend]:
     """Every backend by name, in the runtime's default order."""
     if not _REGISTRY:
         from .aoti import AOTIBackend
+        from .inductor import InductorBackend
         from .onnxruntime import OnnxRuntimeBackend
         from .tensorrt import TensorRTBackend
 
-        found = {b.name: b for b in (TensorRTBackend(), AOTIBackend(), OnnxRuntimeBackend())}
+        found = {b.name: b for b in (TensorRTBackend(), AOTIBackend(), InductorBackend(), OnnxRuntimeBackend())}
         _REGISTRY.update((name, found[name]) for name in BACKENDS)
     return _REGISTRY
 

@@ -75,7 +75,8 @@ class AOTIBackend(Backend):
             return f"compiled for compute capability {built_for}, this GPU is {here}"
         return None
 
-    def load(self, entry: Entry, folder: Path, device: torch.device, constants: Mapping[str, torch.Tensor]) -> Engine:
+    def load(self, entry: Entry, folder: Path, device: torch.device, model) -> Engine:
+        constants = model.constants()
         info = entry.files[AOTI_FILE]
         data = read_verified(entry_file(folder, entry, AOTI_FILE), info.sha256, info.bytes)
         return AOTIEngine(entry, device, load_package(data, device), constants)

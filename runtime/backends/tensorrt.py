@@ -187,7 +187,8 @@ class TensorRTBackend(Backend):
                                      versions.get("tensorrt"), device, capability) \
             or self.runs(Precision(entry.precision), device, capability)
 
-    def load(self, entry: Entry, folder: Path, device: torch.device, constants: Mapping[str, torch.Tensor]) -> Engine:
+    def load(self, entry: Entry, folder: Path, device: torch.device, model) -> Engine:
+        constants = model.constants()
         path = entry_file(folder, entry, PLAN_FILE)
         info = entry.files[PLAN_FILE]
         plan = read_verified(path, info.sha256, info.bytes)

@@ -1,0 +1,82 @@
+"""The `inductor` backend: one block compiled ahead of time per shape, served on the front's tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import runtime.backends.inductor as inductor_runtime
+from builder.build import build
+from builder.init_weights import init_weights
+from builder.profiles import load_profile
+from runtime import WanTransformer, get_preset
+
+from .conftest import make_inputs, reference_model, relative_error
+
+CONFIG = get_preset("tiny-t2v")
+
+
+def _build(root, form_patch=None):
+    init_weights(CONFIG, root / "w", seed=9)
+    (root / "p.yaml").write_text("name: ind\nmodel: {weights: w}\nprecision: fp32\nbackends: [inductor]\n"
+                                 "shapes:\n  - {batch: 1, frames: 5, height: 32, width: 48}\ntext_tokens: 16\n"
+                                 "device: cpu\n")
+    report = build(load_profile(root / "p.yaml"), root / "out", echo=lambda s: None)
+    assert [r.status for r in report.results] == ["built"], report.table()
+    return json.loads((root / "out" / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["aot_compile", "cache_artifacts"])
+def test_inductor_entries_serve_like_diffusers(tmp_path, monkeypatch, form):
+    if form == "aot_compile" and inductor_runtime.available_form() != "aot_compile":
+        pytest.skip(f"torch {torch.__version__} has no aot_compile; the cache_artifacts case covers it")
+    monkeypatch.setattr(inductor_runtime, "available_form", lambda: form)
+    monkeypatch.setattr("builder.backends.inductor.available_form", lambda: form)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
+    manifest = _build(tmp_path)
+    entry = next(iter(manifest["entries"].values()))
+    assert entry["options"]["form"] == form and set(entry["files"]) == {"block.compiled", "parity.json"}
+    assert entry["parity"]["relative"] < 1e-5
+    model = WanTransformer.from_pretrained(tmp_path / "w", engines=tmp_path / "out")
+    x, t, ctx, _ = make_inputs(CONFIG, 1, (2, 4, 6), text_tokens=16)
+    strided = x.permute(0, 1, 2, 4, 3).contiguous().permute(0, 1, 2, 4, 3)
+    with torch.no_grad():
+        out = model(strided, t, ctx).sample
+        assert model.last_route.backend == "inductor", model.last_route
+        ref = reference_model(tmp_path / "w")(x, t, ctx).sample
+    assert relative_error(out, ref) < 1e-5
+    with torch.inference_mode():  # pipelines call under no_grad or inference mode: both are served
+        again = model(x, t, ctx).sample
+    [engine] = model.engines._loaded.values()
+    assert engine.fell_back is None and relative_error(again, ref) < 1e-5
+
+
+def test_inductor_entries_are_refused_for_another_torch_python_or_device(tmp_path, monkeypatch):
+    """Guards the version and device rules of compiled code (no compile here: the records are edited)."""
+    from runtime.backends import backend
+    from runtime.manifest import capability_of, tool_versions
+    from runtime.static import StaticShape
+
+    from .conftest import make_entry
+
+    b = backend("inductor")
+    here = tool_versions()
+    entry = make_entry(CONFIG, StaticShape(1, 2, 4, 6, 16), "inductor", versions=dict(here),
+                       options={"form": "aot_compile"})
+    cpu = torch.device("cpu")
+    assert b.compatibility(entry, cpu, capability_of(cpu), here) in (None, "an aot_compile artifact, and torch "
+                                                                     f"{torch.__version__} cannot load those")
+    for tool in ("torch", "python"):
+        other = make_entry(CONFIG, StaticShape(1, 2, 4, 6, 16), "inductor", versions={**here, tool: "0.0"},
+                           options={"form": "aot_compile"})
+        assert f"built with {tool} 0.0" in b.compatibility(other, cpu, None, here)
+    gpu = make_entry(CONFIG, StaticShape(1, 2, 4, 6, 16), "inductor", versions=dict(here),
+                     device={"type": "cuda", "compute_capability": "9.0"}, options={"form": "aot_compile"})
+    assert "compiled for cuda, the model runs on cpu" in b.compatibility(gpu, cpu, None, here)
+    odd = make_entry(CONFIG, StaticShape(1, 2, 4, 6, 16), "inductor", versions=dict(here), options={"form": "x"})
+    assert "artifact form 'x'" in b.compatibility(odd, cpu, None, here)
+    assert "fp8 engines are built by the tensorrt backend and aoti" in b.runs(
+        __import__("runtime.precision", fromlist=["Precision"]).Precision.FP8, cpu, None)

@@ -98,6 +98,7 @@ def plan(
 
     from .planning.costs import best_fit, costs, custom_gpu, find_gpu, gpu_report, serving_memory, standard_sizes
     from .planning.plan import plan as make_plan
+    from .planning.plan import weight_bytes
 
     def go() -> list[str]:
         config = get_preset(preset)
@@ -118,6 +119,10 @@ def plan(
         lines.append(f"GPU memory to serve this size in {precision}"
                      + (" (both experts resident)" if config.experts > 1 else "") + ":")
         lines += serving_memory(config, p.shape, precision).lines()
+        per_engine = weight_bytes(config, precision) / 1e9
+        lines.append(f"engines        each loaded TensorRT or ONNX Runtime engine holds its own {per_engine:.1f} GB copy "
+                     "of an expert's weights (on top of the above); AOTInductor, inductor and eager share the model's; "
+                     "from_pretrained(max_loaded_engines=N) caps the copies (default 2)")
         if gpu is None and gpu_memory is None:
             return lines
         if gpu is not None and gpu_memory is not None:

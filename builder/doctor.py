@@ -49,6 +49,10 @@ def report() -> list[str]:
     lines.append(f"{'backend':12s} {'build here':40s} {'run here'} ({device.type})")
     for name, build, run in capabilities(device, compiler is not None):
         lines.append(f"{name:12s} {build:40s} {run}")
+    lines.append("")
+    lines.append("memory       every loaded tensorrt or onnxruntime engine holds its own copy of the weights on the "
+                 "device (a 14B bf16 expert: 28.6 GB each; from_pretrained(max_loaded_engines=N) caps them, default "
+                 "2); aoti and inductor engines run on the model's own tensors")
     return lines
 
 

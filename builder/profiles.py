@@ -73,7 +73,9 @@ class TensorRTOptions:
     hardware_compatibility: str = "none"
     strip_weights: bool = True  # weight-stripped plans, refitted from the ONNX weights at load
     weight_streaming: bool = False
+    weight_streaming_budget_gb: float | None = None  # weights kept on the GPU when streaming; None: TensorRT's automatic
     cuda_graphs: bool = False  # capture execute_async_v3 into a CUDA graph at first use
+    low_memory: bool = False  # free the build's torch weights on the GPU while TensorRT builds
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,8 @@ def _config(ctx: _Ctx, node: yaml.Node, experts: tuple[Expert, ...], preset: str
 
 def _tensorrt(ctx: _Ctx, node: yaml.Node) -> TensorRTOptions:
     f = ctx.mapping(node, "tensorrt", ("workspace_gb", "optimization_level", "timing_cache",
-                                       "hardware_compatibility", "strip_weights", "weight_streaming", "cuda_graphs"))
+                                       "hardware_compatibility", "strip_weights", "weight_streaming",
+                                       "weight_streaming_budget_gb", "cuda_graphs", "low_memory"))
     kw: dict[str, Any] = {}
     if "workspace_gb" in f:
         kw["workspace_gb"] = ctx.scalar(f["workspace_gb"][1], "tensorrt.workspace_gb", float,
@@ -311,7 +314,17 @@ def _tensorrt(ctx: _Ctx, node: yaml.Node) -> TensorRTOptions:
     if "hardware_compatibility" in f:
         kw["hardware_compatibility"] = ctx.choice(f["hardware_compatibility"][1], "tensorrt.hardware_compatibility",
                                                   HARDWARE_COMPATIBILITY)
-    for flag in ("strip_weights", "weight_streaming", "cuda_graphs"):
+    for flag in ("strip_weights", "weight_streaming", "cuda_graphs", "low_memory"):
         if flag in f:
             kw[flag] = ctx.scalar(f[flag][1], f"tensorrt.{flag}", bool)
+    if "weight_streaming_budget_gb" in f and not _is_null(f["weight_streaming_budget_gb"][1]):
+        kw["weight_streaming_budget_gb"] = ctx.scalar(f["weight_streaming_budget_gb"][1],
+                                                      "tensorrt.weight_streaming_budget_gb", float,
+                                                      lambda v: None if v >= 0 else f"must be >= 0 (got {v})")
+        if not kw.get("weight_streaming"):
+            raise ctx.fail(f["weight_streaming_budget_gb"][0], "tensorrt.weight_streaming_budget_gb",
+                           "is a budget for weight streaming; set weight_streaming: true too, or drop it")
+    if kw.get("weight_streaming") and kw.get("cuda_graphs"):
+        raise ctx.fail(f["cuda_graphs"][0], "tensorrt.cuda_graphs", "cannot be combined with weight_streaming: "
+                       "TensorRT makes the enqueue synchronous and uncapturable while it streams weights; choose one")
     return TensorRTOptions(**kw)

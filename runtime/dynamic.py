@@ -102,6 +102,7 @@ class WanTransformer(nn.Module):
                         fp8_scaling: str = "rowwise", engines: str | Path | None = None,
                         strict: bool = False, backends: list[str] | None = None, full_check: bool = False,
                         trusted: str | None = None, allow_mismatch: bool = False,
+                        engine_options: dict[str, dict] | None = None, max_loaded_engines: int | None = 2,
                         max_cached_shapes: int = 4, compile: bool = False) -> "WanTransformer":
         """Load a diffusers or original-layout checkpoint (see `runtime.weights`), memory-mapped.
 
@@ -118,6 +119,9 @@ class WanTransformer(nn.Module):
         entry's files at open. `trusted="sha256:..."` (from `wan-build verify --print-digest`) refuses
         the folder unless its manifest is exactly the pinned one. Entries built with
         `--allow-mismatch` are refused unless `allow_mismatch=True`, which serves them with a warning.
+        `engine_options` are per-backend settings, e.g. `{"tensorrt": {"weight_streaming_budget_gb": 12}}`.
+        `max_loaded_engines` caps the engines loaded at once (least recently used ones are released):
+        every loaded TensorRT or ONNX Runtime engine holds its own copy of the weights.
 
         `compile=True`: calls that no engine serves run their static model compiled with
         torch.compile, regionally (`runtime.compiled`); a compile failure falls back to eager.
@@ -140,7 +144,8 @@ class WanTransformer(nn.Module):
             fingerprint = weights_fingerprint(checkpoint.tensors, checkpoint.files)
             model.engines = EngineSet.open(engines, fingerprint=fingerprint, precision=model.precision,
                                            device=model.device, strict=strict, backends=backends,
-                                           full_check=full_check, trusted=trusted, allow_mismatch=allow_mismatch)
+                                           full_check=full_check, trusted=trusted, allow_mismatch=allow_mismatch,
+                                           engine_options=engine_options, max_loaded=max_loaded_engines)
         return model.eval()
 
     def quantize_fp8(self, scaling: str = "rowwise", check_device: bool = True) -> list[str]:

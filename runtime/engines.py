@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -44,13 +44,16 @@ def _device_key(device: torch.device) -> str:
 
 class EngineSet:
     def __init__(self, folder: Path, expert: str, entries: Sequence[Entry] = (), *, strict: bool = False,
-                 order: Sequence[str] = BACKENDS, allow_mismatch: bool = False, full_check: bool = False):
+                 order: Sequence[str] = BACKENDS, allow_mismatch: bool = False, full_check: bool = False,
+                 engine_options: Mapping[str, Mapping] | None = None, max_loaded: int | None = None):
         self.folder = Path(folder)
         self.expert = expert
         self.strict = strict
         self.order = list(order)
         self.allow_mismatch = allow_mismatch
         self.full_check = full_check
+        self.engine_options = dict(engine_options or {})
+        self.max_loaded = max_loaded  # engines kept loaded at once (each TensorRT or ONNX Runtime one holds weights)
         self.by_shape: dict[StaticShape, list[Entry]] = {}
         for entry in sorted(entries, key=lambda e: self.order.index(e.backend)):
             self.by_shape.setdefault(entry.shape, []).append(entry)
@@ -67,7 +70,8 @@ class EngineSet:
     @classmethod
     def open(cls, folder: str | Path, *, fingerprint: str, precision: str | None, device: torch.device,
              strict: bool = False, backends: Sequence[str] | None = None, full_check: bool = False,
-             trusted: str | None = None, allow_mismatch: bool = False) -> "EngineSet":
+             trusted: str | None = None, allow_mismatch: bool = False,
+             engine_options: Mapping[str, Mapping] | None = None, max_loaded: int | None = None) -> "EngineSet":
         """Read `folder`'s manifest and keep this expert's entries (the one whose weights fingerprint
         matches) of the backends asked for, checking what can be checked now."""
         folder = Path(folder)
@@ -76,7 +80,13 @@ class EngineSet:
         if unknown:
             raise EngineError(f"backends {unknown} are not known; choose from {', '.join(BACKENDS)}")
         before = HASHED.snapshot()
-        options = dict(strict=strict, order=order, allow_mismatch=allow_mismatch, full_check=full_check)
+        unknown = sorted(set(engine_options or {}) - set(BACKENDS))
+        if unknown:
+            raise EngineError(f"engine_options for {unknown}: not backends; choose from {', '.join(BACKENDS)}")
+        if max_loaded is not None and max_loaded < 1:
+            raise EngineError(f"max_loaded_engines={max_loaded} must be >= 1 (or None for no limit)")
+        options = dict(strict=strict, order=order, allow_mismatch=allow_mismatch, full_check=full_check,
+                       engine_options=engine_options, max_loaded=max_loaded)
         try:
             manifest = read_manifest(folder, trusted)
         except ManifestError as e:
@@ -218,12 +228,20 @@ class EngineSet:
                     continue
                 self.load_attempts[(entry.id, key)] += 1
                 try:
-                    engine = backend(entry.backend).load(entry, self.folder, torch.device(device), model())
+                    engine = backend(entry.backend).load(entry, self.folder, torch.device(device), model(),
+                                                         self.engine_options.get(entry.backend))
                 except Exception as e:  # a library's own error: report it, fall back, never retry
                     first = (str(e).strip().splitlines() or [""])[0][:200]
                     self._refuse(entry, key, f"failed to load ({type(e).__name__}: {first})")
                     continue
                 self._loaded[(entry.id, key)] = engine
+                while self.max_loaded is not None and len(self._loaded) > self.max_loaded:
+                    old_key = next(k for k in self._loaded if k != (entry.id, key))
+                    log.info("releasing engine %s on %s: more than max_loaded_engines=%d loaded", old_key[0],
+                             old_key[1], self.max_loaded)
+                    self._loaded.pop(old_key).release()
+            else:
+                self._loaded[(entry.id, key)] = self._loaded.pop((entry.id, key))  # most recently used last
             if entry.allow_mismatch or not entry.parity.passed:
                 if entry.id not in self._warned:
                     log.warning("serving engine %s although it failed its parity check at build (%s)",

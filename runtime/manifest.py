@@ -75,7 +75,9 @@ def tool_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             return None
 
-    trt = next((v for v in (version(d) for d in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")) if v), None)
+    from .backends.tensorrt import trt_version  # the module's own version where it imports
+
+    trt = trt_version()
     ort = next((v for v in (version(d) for d in ("onnxruntime", "onnxruntime-gpu")) if v), None)
     triton = next((v for v in (version(d) for d in ("triton", "pytorch-triton")) if v), None)
     return {"torch": torch.__version__, "onnx": version("onnx"), "onnxruntime": ort, "tensorrt": trt,

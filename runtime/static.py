@@ -139,6 +139,12 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return out.transpose(1, 2).flatten(2).type_as(q)
 
 
+def _fp32_rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    # Computed in fp32 whatever x is: torch's rms_norm upcasts inside, but a strongly typed TensorRT
+    # network takes a norm's precision from its input, so the upcast must be in the graph.
+    return F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps).to(x.dtype)
+
+
 def _fp32_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(),
                         norm.eps).to(x.dtype)
@@ -181,8 +187,8 @@ class _Attention(nn.Module):
 
 class SelfAttention(_Attention):
     def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # [B, L, H, hd]
-        k = self.norm_k(self.to_k(x)).unflatten(2, (self.heads, -1))
+        q = _fp32_rms_norm(self.to_q(x), self.norm_q).unflatten(2, (self.heads, -1))  # [B, L, H, hd]
+        k = _fp32_rms_norm(self.to_k(x), self.norm_k).unflatten(2, (self.heads, -1))
         v = self.to_v(x).unflatten(2, (self.heads, -1))
         return self.to_out[0](_attention(_rope(q, rope_cos, rope_sin), _rope(k, rope_cos, rope_sin), v))
 
@@ -191,8 +197,8 @@ class CrossAttention(_Attention):
     """Attention from video tokens to the text context: no RoPE, no mask, no modulation."""
 
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
-        k = self.norm_k(self.to_k(text)).unflatten(2, (self.heads, -1))
+        q = _fp32_rms_norm(self.to_q(x), self.norm_q).unflatten(2, (self.heads, -1))
+        k = _fp32_rms_norm(self.to_k(text), self.norm_k).unflatten(2, (self.heads, -1))
         v = self.to_v(text).unflatten(2, (self.heads, -1))
         return self.to_out[0](_attention(q, k, v))
 
@@ -208,10 +214,10 @@ class ImageCrossAttention(CrossAttention):
         self.norm_added_k = nn.RMSNorm(d, eps=config.eps)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
-        k = self.norm_k(self.to_k(text)).unflatten(2, (self.heads, -1))
+        q = _fp32_rms_norm(self.to_q(x), self.norm_q).unflatten(2, (self.heads, -1))
+        k = _fp32_rms_norm(self.to_k(text), self.norm_k).unflatten(2, (self.heads, -1))
         v = self.to_v(text).unflatten(2, (self.heads, -1))
-        k_img = self.norm_added_k(self.add_k_proj(image)).unflatten(2, (self.heads, -1))
+        k_img = _fp32_rms_norm(self.add_k_proj(image), self.norm_added_k).unflatten(2, (self.heads, -1))
         v_img = self.add_v_proj(image).unflatten(2, (self.heads, -1))
         return self.to_out[0](_attention(q, k, v) + _attention(q, k_img, v_img))
 

@@ -63,7 +63,7 @@ def stand_in_for_tensorrt(monkeypatch, engine, version: str = "11.4.0.106", gpu:
     the plan (e.g. the entry's ONNX in ONNX Runtime). `gpu` replaces the build device's description."""
     import builder.backends.tensorrt as trt_builder
 
-    def build_plan(onnx_path, plan_path, options, cache_dir, gpu_name, cc):
+    def build_plan(onnx_path, plan_path, options, cache_dir, gpu_name, cc, precision="bf16"):
         plan_path.write_bytes(b"stripped plan")
         return trt_builder.BuildInfo(version, "always (TensorRT 11)", options.optimization_level, None,
                                      options.hardware_compatibility, options.strip_weights, False,

@@ -234,9 +234,12 @@ def test_nvfp4_entries_through_the_build(tmp_path, monkeypatch):
 
 
 def test_graph_check_catches_a_dtype_left_behind(tmp_path):
-    """bf16 graph: if a dequantized fp32 value reached a bf16 MatMul without its Cast, a strongly
-    typed TensorRT network would refuse it; the graph check's type inference names it first."""
+    """bf16 graph: the values' DequantizeLinear writes bf16 itself (output_dtype). If it wrote fp32 into
+    a bf16 MatMul, a strongly typed TensorRT network would refuse it; the graph check's type inference
+    names it first. And a Cast put between a DequantizeLinear and its MatMul (which can block the FP4
+    GEMM fusion) is named too."""
     import onnx
+    from onnx import helper
 
     config = get_preset("tiny-t2v").replace(num_layers=4)
     model = StaticWanTransformer(config, StaticShape(1, 2, 4, 6, 64)).eval().to(torch.bfloat16)
@@ -247,9 +250,20 @@ def test_graph_check_catches_a_dtype_left_behind(tmp_path):
                      torch.bfloat16)
     assert check_for_tensorrt(path, config)["fp4"] == 20
     graph = onnx.load(str(path), load_external_data=False)
-    cast = next(n for n in graph.graph.node if n.name == "blocks.1.ffn.net.2.input.Cast")
-    for node in graph.graph.node:
-        node.input[:] = [cast.input[0] if i == cast.output[0] else i for i in node.input]
+    assert not [n for n in graph.graph.node if n.op_type == "Cast" and ".input." in n.name]
+    dq = next(n for n in graph.graph.node if n.name == "blocks.1.ffn.net.2.input.DequantizeLinear")
+    assert [a.i for a in dq.attribute if a.name == "output_dtype"] == [16]  # BFLOAT16
+    kept = [a for a in dq.attribute if a.name != "output_dtype"]
+    del dq.attribute[:]
+    dq.attribute.extend(kept)
     onnx.save(graph, str(tmp_path / "bad.onnx"))
     with pytest.raises(GraphCheckError, match="types do not line up: .*inconsistent type"):
         check_for_tensorrt(tmp_path / "bad.onnx", config)
+    graph = onnx.load(str(path), load_external_data=False)
+    matmul = next(n for n in graph.graph.node if n.op_type == "MatMul" and n.input[0].startswith("blocks.1.ffn.net.2"))
+    cast = helper.make_node("Cast", [matmul.input[0]], ["recast"], to=16, name="recast")
+    graph.graph.node.insert(list(graph.graph.node).index(matmul), cast)
+    matmul.input[0] = "recast"
+    onnx.save(graph, str(tmp_path / "cast.onnx"))
+    with pytest.raises(GraphCheckError, match=r"node recast \(Cast\) lies between a DequantizeLinear and this MatMul"):
+        check_for_tensorrt(tmp_path / "cast.onnx", config)

@@ -85,7 +85,10 @@ def test_wizard_non_interactive_and_refusals(tmp_path):
     # bf16 fits a 24 GB card only by streaming weights: the profile must say so, not the best fit's mode
     r = cli("wizard", "--use-case", "1", "--gpu", "rtx4090", "--precision", "bf16", "--yes", "--out", str(tmp_path / "s.yaml"))
     assert r.returncode == 0 and "memory at bf16 (fits with weight streaming)" in r.stdout, r.stdout
-    assert yaml.safe_load((tmp_path / "s.yaml").read_text())["tensorrt"]["weight_streaming"] is True
+    trt = yaml.safe_load((tmp_path / "s.yaml").read_text())["tensorrt"]
+    assert trt["weight_streaming"] is True
+    # the budget is what the memory model leaves for weights: under the card, above the two resident blocks
+    assert 0 < trt["weight_streaming_budget_gb"] < 24
 
 
 @pytest.mark.parametrize("command", ["gpus", "matrix", "wizard"])

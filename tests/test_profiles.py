@@ -82,7 +82,7 @@ BAD = [
     (VALID.replace("precision: [fp32, fp16]", "precision: [fp32, int8]"),
      r"p.yaml:8: precision: 'int8' is not allowed; allowed: fp32, fp16, bf16, fp8, nvfp4"),
     (VALID.replace("backends: [onnxruntime, aoti]", "backends: [onnx]"),
-     r"p.yaml:9: backends: 'onnx' is not allowed; allowed: tensorrt, aoti, onnxruntime"),
+     r"p.yaml:9: backends: 'onnx' is not allowed; allowed: tensorrt, aoti, inductor, onnxruntime"),
     (VALID.replace("frames: 9,", "frames: 8,"), r"p.yaml:11: shapes\[0\]: frames=8 is not 4k\+1.*5 or 9"),
     (VALID.replace("height: 64, width: 96}", "height: 60, width: 96}"),
      r"shapes\[0\]: height=60 is not a multiple of 16.*48 or 64"),
@@ -233,7 +233,9 @@ def documented_tensorrt_keys() -> set[str]:
 # A value other than the default for each option, and what the loaded profile must hold for it.
 NON_DEFAULT = {"workspace_gb": ("16", 16.0), "optimization_level": ("5", 5), "timing_cache": ("cache/t.cache", "cache/t.cache"),
                "hardware_compatibility": ("ampere_plus", "ampere_plus"), "strip_weights": ("false", False),
-               "weight_streaming": ("true", True), "cuda_graphs": ("true", True)}
+               "weight_streaming": ("true", True), "cuda_graphs": ("true", True), "low_memory": ("true", True),
+               # a budget is refused without streaming, so the line turns streaming on too
+               "weight_streaming_budget_gb": ("8, weight_streaming: true", 8.0)}
 MINIMAL = """\
 name: trt
 model: {{weights: w, preset: wan2.2-ti2v-5b}}

@@ -10,6 +10,7 @@ and refusals run for real. Tests that need TensorRT itself skip, saying so.
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
 import json
 import multiprocessing
@@ -25,8 +26,6 @@ from builder.build.export import export_onnx
 from builder.build.onnx_check import GraphCheckError, check_for_tensorrt
 from builder.profiles import TensorRTOptions
 from runtime import StaticShape, StaticWanTransformer, get_preset
-from runtime.backends.tensorrt import compatibility_problem
-
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ROOT / "tests" / "data" / "tensorrt"
 TRT_OBJECTS = {"trt", "builder", "network", "parser", "config", "cache", "merged", "e", "engine", "context",
@@ -84,9 +83,11 @@ def test_name_check_catches_a_removed_name(tmp_path):
 
 
 # -- the builder against a recording stand-in for `tensorrt` -------------------------------------
-def fake_tensorrt(version: str, parse_ok: bool = True, plan: bytes | None = b"PLAN") -> types.ModuleType:
+def fake_tensorrt(version: str, parse_ok: bool = True, plan: bytes | None = b"PLAN",
+                  cache_matches: bool = True) -> types.ModuleType:
     calls: list[tuple] = []
     trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # find_spec("tensorrt") must not raise
     trt.__version__ = version
     trt.calls = calls
 
@@ -124,12 +125,16 @@ def fake_tensorrt(version: str, parse_ok: bool = True, plan: bytes | None = b"PL
         def set_flag(self, flag):
             calls.append(("flag", flag))
 
+        def clear_flag(self, flag):
+            calls.append(("clear_flag", flag))
+
         def create_timing_cache(self, data):
             return Cache(bytes(data))
 
         def set_timing_cache(self, cache, ignore_mismatch):
             calls.append(("timing_cache_in", cache.data))
             self.cache = Cache(cache.data + b"|new")
+            return cache_matches or cache.data == b""
 
         def get_timing_cache(self):
             return self.cache
@@ -308,14 +313,16 @@ def test_fp8_calibration_and_qdq_on_the_cpu(tmp_path):
 
 # -- refusals before deserializing -----------------------------------------------------------------
 def test_plans_are_refused_before_deserializing():
+    from runtime.backends.tensorrt import compatibility_problem
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert "built with TensorRT 10.16.1.11, this machine has 11.4.0.106" in compatibility_problem(
-        "10.16.1.11", "9.0", False, "11.4.0.106", cuda, (9, 0))
-    assert "built for compute capability 9.0, this GPU is 8.9" in compatibility_problem(
-        "11.4.0.106", "9.0", False, "11.4.0.106", cuda, (8, 9))
-    assert compatibility_problem("11.4.0.106", "9.0", True, "11.4.0.106", cuda, (8, 9)) is None  # portable plan
-    assert "run on CUDA devices" in compatibility_problem("11.4.0.106", "9.0", False, "11.4.0.106", cpu, None)
-    assert compatibility_problem("11.4.0.106", "9.0", False, "11.4.0.106", cuda, (9, 0)) is None
+        "10.16.1.11", "9.0", "none", "11.4.0.106", cuda, (9, 0))
+    assert "built for compute capability 9.0 (none), this GPU is 8.9" in compatibility_problem(
+        "11.4.0.106", "9.0", "none", "11.4.0.106", cuda, (8, 9))
+    assert compatibility_problem("11.4.0.106", "9.0", "ampere_plus", "11.4.0.106", cuda, (8, 9)) is None
+    assert "run on CUDA devices" in compatibility_problem("11.4.0.106", "9.0", "none", "11.4.0.106", cpu, None)
+    assert compatibility_problem("11.4.0.106", "9.0", "none", "11.4.0.106", cuda, (9, 0)) is None
 
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the refusal when TensorRT is absent")
@@ -378,12 +385,15 @@ def test_doctor_reports_this_machine():
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert out.startswith("python") and "torch        " in out and "ONNX Runtime" in out
+    assert "its own copy of the weights" in out
     if not HAS_TRT:
         assert "TensorRT     not installed. On an NVIDIA GPU machine" in out and "pip install tensorrt-cu12" in out
         assert "tensorrt     no (tensorrt is not installed" in out
     if not torch.cuda.is_available():
         # from the backends' own rules: ONNX Runtime's CPU provider has no bf16, AOTInductor no FP8 on the CPU
-        rows = {line.split()[0]: line for line in out.splitlines()[-4:]}
+        table = out.split("run here")[1].split("\n", 1)[1].split("\n\n")[0].strip().splitlines()
+        rows = {line.split()[0]: line for line in table}
+        assert set(rows) == {"tensorrt", "aoti", "inductor", "onnxruntime"}
         assert rows["onnxruntime"].split()[1:3] == ["fp32,", "fp16"] and "bf16" not in rows["onnxruntime"]
         assert "fp32, fp16, bf16" in rows["aoti"] and "fp8" not in rows["aoti"]
 

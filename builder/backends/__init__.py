@@ -41,6 +41,7 @@ class Job:
     draft: Entry  # the entry's record so far (shape, inputs, ...), to load the engine through the runtime
     echo: Callable[[str], None] = print
     record: dict[str, Any] = field(default_factory=dict)  # quantization_error, build, versions the backend adds
+    release_weights: Callable[[], None] = lambda: None  # drop the build's torch copy of the weights (low memory)
 
 
 class BuilderBackend:

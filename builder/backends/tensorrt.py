@@ -30,12 +30,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from runtime.backends.tensorrt import TensorRTEngine, make_logger
+from runtime.backends.tensorrt import TensorRTEngine, make_logger, parser_errors, trt_version
 from runtime.errors import WanBuildError
 from runtime.manifest import FP4_DATA, ONNX_DATA, PLAN_FILE, device_info
 from runtime.precision import Precision
 
-from ..build.export import export_onnx
+from ..build.export import TABLE_INPUTS, export_onnx
 from ..build.folder import locked_file, share_weights, write_atomic
 from ..build.onnx_check import check_for_tensorrt
 from ..build.parity import PARITY_SEED
@@ -96,11 +96,15 @@ class BuildInfo:
     seconds: float
     plan_bytes: int
     warnings: list[str]
+    tf32: bool = True  # TensorRT's default; cleared for fp32 entries
+    timing_cache_used: bool = True
 
 
 def build_plan(onnx_path: Path, plan_path: Path, options: TensorRTOptions, cache_dir: Path, gpu_name: str,
-               compute_capability: str) -> BuildInfo:
-    """Parse `onnx_path` and write a serialized plan to `plan_path` (atomically) and its build log."""
+               compute_capability: str, precision: str = "bf16") -> BuildInfo:
+    """Parse `onnx_path` and write a serialized plan to `plan_path` (atomically) and its build log.
+    fp32 entries clear TF32 (on by default in TensorRT; TF32 GEMMs are 1e-4-1e-3 off, ten to a
+    hundred times the fp32 parity tolerance)."""
     import tensorrt as trt
 
     start = time.perf_counter()
@@ -115,11 +119,8 @@ def build_plan(onnx_path: Path, plan_path: Path, options: TensorRTOptions, cache
         typed = "STRONGLY_TYPED flag"
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = []
-        for i in range(parser.num_errors):
-            e = parser.get_error(i)
-            errors.append(f"node {e.node_name() or '?'} ({e.node_operator() or '?'}): {e.desc()}")
-        raise TensorRTBuildError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors or logger.errors()))
+        raise TensorRTBuildError(f"TensorRT could not parse {onnx_path}: "
+                                 + "; ".join(parser_errors(parser) or logger.errors()))
 
     config = builder.create_builder_config()
     workspace = int(options.workspace_gb * 2**30) if options.workspace_gb else None
@@ -133,11 +134,18 @@ def build_plan(onnx_path: Path, plan_path: Path, options: TensorRTOptions, cache
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
     if options.weight_streaming:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    tf32 = precision != "fp32"
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
 
     cache_file = options.timing_cache or timing_cache_path(cache_dir, gpu_name, compute_capability, trt.__version__)
     before = read_cache(cache_file)
     cache = config.create_timing_cache(before)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_used = bool(config.set_timing_cache(cache, ignore_mismatch=False))
+    if not cache_used:  # made by another GPU or TensorRT: build without it (and write a fresh one after)
+        logger.log("Severity.WARNING", f"timing cache {cache_file} does not match this GPU and TensorRT; not used")
+        before = b""
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -154,13 +162,16 @@ def build_plan(onnx_path: Path, plan_path: Path, options: TensorRTOptions, cache
 
     info = BuildInfo(trt.__version__, typed, options.optimization_level, workspace, options.hardware_compatibility,
                      options.strip_weights, options.weight_streaming, str(cache_file), len(before), len(after),
-                     round(time.perf_counter() - start, 2), plan_path.stat().st_size, logger.warnings()[-20:])
+                     round(time.perf_counter() - start, 2), plan_path.stat().st_size, logger.warnings()[-20:],
+                     tf32, cache_used)
     (plan_path.parent / BUILD_LOG).write_text(json.dumps(asdict(info), indent=2) + "\n")
     return info
 
 
 # -- the entry ------------------------------------------------------------------------------------
 FP8_CALIBRATION_BATCHES = 4  # fixed-seed calibration inputs at the entry's shape
+# Options that change how a plan is loaded or built, not the plan: not part of an entry's identity.
+RUNTIME_ONLY = ("timing_cache", "cuda_graphs", "weight_streaming_budget_gb", "low_memory")
 
 
 def prepare_tensorrt_onnx(job: Job) -> tuple[Path, torch.Tensor]:
@@ -201,6 +212,22 @@ def prepare_tensorrt_onnx(job: Job) -> tuple[Path, torch.Tensor]:
     return path, reference
 
 
+# ONNX operators TensorRT's parser takes from which release (onnx-tensorrt release notes): opset 23's
+# Attention from 10.14, RMSNormalization from 10.15. onnx_opset: 20 decomposes both for older releases.
+OPSET_MINIMUM_TENSORRT = {23: (10, 15)}
+
+
+def opset_problem(opset: int, version: str | None) -> str | None:
+    need = OPSET_MINIMUM_TENSORRT.get(opset)
+    if need is None or version is None:
+        return None
+    have = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if have < need:
+        return (f"onnx_opset {opset} needs TensorRT {need[0]}.{need[1]} or newer (its parser reads Attention from 10.14 "
+                f"and RMSNormalization from 10.15); this machine has {version}: use onnx_opset: 20 in the profile")
+    return None
+
+
 def timing_cache_dir() -> Path:
     """$WAN_BUILD_CACHE_DIR/timing, else $XDG_CACHE_HOME/wan-build/timing or ~/.cache/wan-build/timing."""
     root = os.environ.get("WAN_BUILD_CACHE_DIR") or os.path.join(
@@ -221,8 +248,7 @@ class TensorRTBuilder(BuilderBackend):
 
     def identity(self, profile, device, versions) -> dict[str, Any]:
         return {"onnx_opset": profile.onnx_opset, "tensorrt": versions["tensorrt"], "gpu": device["compute_capability"],
-                "options": {k: str(v) for k, v in vars(profile.tensorrt).items()
-                            if k not in ("timing_cache", "cuda_graphs")}}
+                "options": {k: str(v) for k, v in vars(profile.tensorrt).items() if k not in RUNTIME_ONLY}}
 
     def options(self, profile) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(profile.tensorrt).items()}
@@ -231,11 +257,17 @@ class TensorRTBuilder(BuilderBackend):
         return precision.quantized
 
     def build(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+        problem = opset_problem(job.profile.onnx_opset, trt_version())
+        if problem:
+            raise TensorRTBuildError(problem)
         constants = job.model.constants()
         path, reference = prepare_tensorrt_onnx(job)
+        if job.profile.tensorrt.low_memory:  # TensorRT builds from the ONNX: the torch copy can go meanwhile
+            constants = {n: constants[n] for n in TABLE_INPUTS}
+            job.release_weights()
         gpu = device_info(job.device)
         info = build_plan(path, job.folder / PLAN_FILE, job.profile.tensorrt, timing_cache_dir(), gpu["name"],
-                          gpu["compute_capability"])
+                          gpu["compute_capability"], job.entry.precision)
         job.record["build"]["tensorrt"] = asdict(info)
         job.record["versions"] = {"tensorrt": info.tensorrt}
         plan = (job.folder / PLAN_FILE).read_bytes()

@@ -180,7 +180,8 @@ def build(profile: Profile, out: Path | None = None, *, allow_mismatch: bool = F
         progress = _Progress(len(planned), echo)
         for i, entry in enumerate(planned, 1):
             prefix = f"[{i}/{len(planned)}] {entry.label()}"
-            result = _build_one(entry, tensors_for, profile, out, manifest, device, allow_mismatch, echo, prefix)
+            result = _build_one(entry, tensors_for, profile, out, manifest, device, allow_mismatch, echo, prefix,
+                                loaded.clear)
             if result.status in ("built", "rebuilt"):
                 try:
                     write_manifest(out, manifest)
@@ -198,7 +199,7 @@ def build(profile: Profile, out: Path | None = None, *, allow_mismatch: bool = F
 
 def _build_one(entry: PlannedEntry, tensors_for: Callable[[PlannedEntry], dict[str, torch.Tensor]],
                profile: Profile, out: Path, manifest: Manifest, device: torch.device, allow_mismatch: bool,
-               echo: Echo, prefix: str) -> EntryResult:
+               echo: Echo, prefix: str, release: Callable[[], None] = lambda: None) -> EntryResult:
     start = time.perf_counter()
     status = "built"
     existing = manifest.entries.get(entry.id)
@@ -218,7 +219,7 @@ def _build_one(entry: PlannedEntry, tensors_for: Callable[[PlannedEntry], dict[s
     tmp = out / f".partial-{entry.id}-{os.getpid()}"
     try:
         record = build_files(entry, tensors_for(entry), profile, tmp, out / WEIGHTS_STORE, device, allow_mismatch,
-                             lambda stage: echo(f"{prefix}: {stage}"), start)
+                             lambda stage: echo(f"{prefix}: {stage}"), start, release)
         install(tmp, out / entry.id)
     except Exception as e:  # every way an entry fails: it alone is marked failed, with one line
         remove(tmp)
@@ -236,7 +237,7 @@ def _build_one(entry: PlannedEntry, tensors_for: Callable[[PlannedEntry], dict[s
 
 def build_files(entry: PlannedEntry, tensors: dict[str, torch.Tensor], profile: Profile, folder: Path, store: Path,
                 device: torch.device, allow_mismatch: bool, stage: Echo = lambda s: None,
-                start: float | None = None) -> Entry:
+                start: float | None = None, release: Callable[[], None] = lambda: None) -> Entry:
     """Build `entry` into `folder` (created here) and return its record; raises on any failure."""
     start = time.perf_counter() if start is None else start
     config, shape = profile.config, entry.shape
@@ -250,7 +251,13 @@ def build_files(entry: PlannedEntry, tensors: dict[str, torch.Tensor], profile: 
                   input_infos(model.input_specs(dtype)), input_infos([model.output_spec(dtype)]), {}, tool_versions(),
                   device_info(device), entry.identity["weights"], ParityInfo(math.nan, math.nan, math.nan, math.nan),
                   onnx_opset=entry.identity.get("onnx_opset"), options=backend.options(profile))
-    job = Job(entry, model, inputs, profile, folder, store, device, draft, stage)
+    def release_weights() -> None:
+        release()  # the build's cached copy of this expert's weights
+        model.to("meta")  # and the model's references to them
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    job = Job(entry, model, inputs, profile, folder, store, device, draft, stage, release_weights=release_weights)
     stage(f"building the {entry.backend} engine")
     out, reference = backend.build(job)
     parity = gate(out, reference, entry.precision)

@@ -14,6 +14,8 @@
 - no operator outside the standard domain except TensorRT's own `trt::TRT_FP4DynamicQuantize`
   (NVFP4 activations), which must use 16-value blocks on the last axis with FP8 scales, and every
   FP4 DequantizeLinear the same blocks (what TensorRT's FP4 GEMMs take).
+- No Cast between a DequantizeLinear and the MatMul it feeds, and no Q/DQ scale made by a Cast:
+  either can keep TensorRT from fusing the dequantization into the FP8/FP4 GEMM.
 """
 
 from __future__ import annotations
@@ -96,6 +98,18 @@ def check_for_tensorrt(path: Path, config: WanConfig) -> dict[str, int]:
             for a in node.attribute:
                 if a.t is not None and a.t.data_type in _BAD_TYPES:
                     problems.append(f"{where}: {_BAD_TYPES[a.t.data_type]} constant")
+        if node.op_type in ("MatMul", "Gemm"):
+            for i in node.input[:2]:
+                cast = _cast_after_dequantize(i, producers)
+                if cast is not None:
+                    problems.append(f"{where}: node {cast.name or '?'} (Cast) lies between a DequantizeLinear and "
+                                    "this MatMul, which can keep TensorRT from fusing them into a quantized GEMM; "
+                                    "let the DequantizeLinear write the dtype (output_dtype, or scales in it)")
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 1:
+            scale = producers.get(node.input[1])
+            if scale is not None and scale.op_type == "Cast":
+                problems.append(f"{where}: its scale comes from node {scale.name or '?'} (Cast); store the scale in "
+                                "the dtype it is used in, as Model Optimizer's exporters do")
         if node.op_type == "Attention":
             counts["attention"] += 1
         if node.op_type == "QuantizeLinear":
@@ -123,6 +137,16 @@ def check_for_tensorrt(path: Path, config: WanConfig) -> dict[str, int]:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else "")
         raise GraphCheckError(f"{path} is not ready for TensorRT: {shown}")
     return counts
+
+
+def _cast_after_dequantize(name: str, producers: dict) -> object | None:
+    """The Cast on the way from a DequantizeLinear to a MatMul input (through Transpose/Reshape), if any."""
+    node, cast = producers.get(name), None
+    while node is not None and node.op_type in ("Transpose", "Reshape", "Cast"):
+        if node.op_type == "Cast":
+            cast = node
+        node = producers.get(node.input[0])
+    return cast if node is not None and node.op_type == "DequantizeLinear" else None
 
 
 def _type_problems(model) -> list[str]:

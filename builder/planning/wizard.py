@@ -123,7 +123,11 @@ def run_wizard(answers: Answers, ask: Ask, echo: Callable[[str], None]) -> Path:
     name = answers.name or ask("Profile name", re.sub(r"[^a-z0-9.-]+", "-", f"{case.preset}-{'-'.join(picked)}"))
     out = answers.out or Path(ask("Write the profile to", f"profiles/{name}.yaml"))
 
-    text = profile_yaml(name, case, config, weights, precision, backend_list, shapes, batch, fit, card, mode)
+    budget = None
+    if mode == "streaming":  # what the GPU holds beyond everything but the weights, less 1 GB of slack
+        others = sum(t.bytes for t in mem.terms if "weights" not in t.name) / 1e9
+        budget = round(max(0.0, card.memory_gb - others - 1.0), 1)
+    text = profile_yaml(name, case, config, weights, precision, backend_list, shapes, batch, fit, card, mode, budget)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -139,8 +143,10 @@ def run_wizard(answers: Answers, ask: Ask, echo: Callable[[str], None]) -> Path:
 
 
 def profile_yaml(name: str, case: UseCase, config, weights: str, precision: str, backends: list[str],
-                 shapes: list[tuple[int, int, int]], batch: int, fit, card: Gpu, mode: str) -> str:
-    """The profile's YAML; `mode` is how the chosen precision fits (it sets weight_streaming)."""
+                 shapes: list[tuple[int, int, int]], batch: int, fit, card: Gpu, mode: str,
+                 budget_gb: float | None = None) -> str:
+    """The profile's YAML; `mode` is how the chosen precision fits (it sets weight_streaming, and the
+    streaming budget the memory model leaves for weights)."""
     lines = [f"# {case.name} on {card.name}: {fit.describe()} (wan-build wizard)", f"name: {name}", "model:"]
     if config.experts > 1:
         lines += ["  experts:", f"    high_noise: {weights}/transformer", f"    low_noise: {weights}/transformer_2",
@@ -151,4 +157,7 @@ def profile_yaml(name: str, case: UseCase, config, weights: str, precision: str,
     lines += [f"  - {{batch: {batch}, frames: {f}, height: {h}, width: {w}}}" for f, h, w in shapes]
     if "tensorrt" in backends:
         lines += ["tensorrt:", "  strip_weights: true", f"  weight_streaming: {'true' if mode == 'streaming' else 'false'}"]
+        if budget_gb is not None:
+            lines += [f"  weight_streaming_budget_gb: {budget_gb}  # {card.memory_gb:g} GB less activations, "
+                      "context and 1 GB of slack (memory model)"]
     return "\n".join(lines) + "\n"

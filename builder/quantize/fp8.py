@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 import torch
 
 from runtime.fp8 import E4M3_MAX, fp8_layer_names
-from runtime.precision import ONNX_ELEMENT_TYPES, ONNX_FLOAT, ONNX_FLOAT8E4M3FN
+from runtime.precision import ONNX_ELEMENT_TYPES, ONNX_FLOAT8E4M3FN
 from runtime.static import StaticWanTransformer
 
 from .common import LayerGraph, QuantizeError, modelopt, wan_recipe
@@ -70,29 +70,32 @@ def calibrate_fp8(model: StaticWanTransformer, batches: Iterable[tuple[torch.Ten
     return Calibration(amax, error, len(batches), quantized)
 
 
+def scalar_initializer(name: str, value: float, dtype: torch.dtype):
+    """A 0-d ONNX initializer holding `value` in `dtype` (bf16 and fp16 included, which numpy lacks)."""
+    from onnx import helper
+
+    raw = torch.tensor(value, dtype=dtype).view(torch.uint8 if dtype.itemsize == 1 else
+                                                {2: torch.int16, 4: torch.int32}[dtype.itemsize])
+    return helper.make_tensor(name, ONNX_ELEMENT_TYPES[dtype], [], raw.numpy().tobytes(), raw=True)
+
+
 def insert_fp8_qdq(onnx_path: Path, calibration: Calibration, dtype: torch.dtype,
                    module_name: Callable[[str], str] = lambda s: s.removeprefix("model.")) -> int:
     """Put a FP8 Q/DQ pair before both inputs of each calibrated layer's MatMul; returns the pairs added.
     The weights file is untouched (the graph is loaded without external data and saved in place)."""
-    from onnx import helper, numpy_helper
-
-    import numpy as np
+    from onnx import helper
 
     graph = LayerGraph(onnx_path, calibration.amax, ops=("MatMul", "Gemm"), module_name=module_name)
-    onnx_dtype = ONNX_ELEMENT_TYPES[dtype]
     zero = helper.make_tensor("fp8_zero_point", ONNX_FLOAT8E4M3FN, [], [0])
     graph.graph.initializer.append(zero)
     added = 0
     for node, name in graph.matmuls():
         for slot, amax in zip((0, 1), calibration.amax[name]):
             tag = f"{name}.{'input' if slot == 0 else 'weight'}"
-            scale32 = f"{tag}.fp8_scale"
-            graph.graph.initializer.append(numpy_helper.from_array(np.array(max(amax, 1e-12) / E4M3_MAX,
-                                                                            dtype=np.float32), scale32))
-            scale = scale32
-            if onnx_dtype != ONNX_FLOAT:
-                scale = f"{scale32}.cast"
-                graph.emit(helper.make_node("Cast", [scale32], [scale], to=onnx_dtype, name=f"{tag}.cast"))
+            # The scale is stored in the graph's dtype, as Model Optimizer's exporters write it: a Cast
+            # in front of Q/DQ can keep TensorRT from fusing the dequantization into the FP8 GEMM.
+            scale = f"{tag}.fp8_scale"
+            graph.graph.initializer.append(scalar_initializer(scale, max(amax, 1e-12) / E4M3_MAX, dtype))
             q, dq = f"{tag}.q", f"{tag}.dq"
             graph.emit(helper.make_node("QuantizeLinear", [node.input[slot], scale, zero.name], [q],
                                         name=f"{tag}.QuantizeLinear"))

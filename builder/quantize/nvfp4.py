@@ -219,17 +219,16 @@ def _insert(onnx_path: Path, data_path: Path, input_amax: Mapping[str, float], w
             return name
 
         def double_dq(tag: str, values: str, scales: str, scale: str) -> str:
-            """FP32 scales throughout, the dequantized values cast to the graph's dtype after (the
-            layout Model Optimizer's exporter writes; the emulation rounds the same way)."""
+            """FP32 scales; the values' DequantizeLinear writes the graph's dtype itself (opset 23's
+            output_dtype), so it feeds the MatMul with no Cast between them: a Cast there can keep
+            TensorRT from fusing the dequantization into the FP4 GEMM. The emulation rounds the same
+            way (dequantize in fp32, then round to the graph's dtype)."""
             layers.emit(helper.make_node("DequantizeLinear", [scales, scale], [f"{tag}.block_scale"],
                                          name=f"{tag}.DequantizeScale"))
+            extra = {} if onnx_dtype == ONNX_FLOAT else {"output_dtype": onnx_dtype}
             layers.emit(helper.make_node("DequantizeLinear", [values, f"{tag}.block_scale"], [f"{tag}.dq"],
-                                         name=f"{tag}.DequantizeLinear", axis=-1, block_size=BLOCK))
-            if onnx_dtype == ONNX_FLOAT:
-                return f"{tag}.dq"
-            layers.emit(helper.make_node("Cast", [f"{tag}.dq"], [f"{tag}.dq.cast"], to=onnx_dtype,
-                                         name=f"{tag}.Cast"))
-            return f"{tag}.dq.cast"
+                                         name=f"{tag}.DequantizeLinear", axis=-1, block_size=BLOCK, **extra))
+            return f"{tag}.dq"
 
         for node, name in layers.matmuls():
             weight = weights[name].detach().float().cpu()

@@ -102,10 +102,12 @@ class Backend:
                         f"{versions.get(tool) or 'none'}")
         return self.runs(Precision(entry.precision), device, capability)
 
-    def load(self, entry: Entry, folder: Path, device: torch.device, model: StaticWanTransformer) -> Engine:
+    def load(self, entry: Entry, folder: Path, device: torch.device, model: StaticWanTransformer,
+             options: Mapping | None = None) -> Engine:
         """Load `entry` from `folder/<id>/`, whose files have passed their checks. `model` is the eager
         static model at the entry's shape: its tensors (`model.constants()`: parameters and shape
-        tables) are what artifacts that keep their weights outside are handed."""
+        tables) are what artifacts that keep their weights outside are handed. `options`: the
+        caller's settings for this backend (`engine_options[backend]` of `from_pretrained`)."""
         raise NotImplementedError
 
 

@@ -75,7 +75,7 @@ class AOTIBackend(Backend):
             return f"compiled for compute capability {built_for}, this GPU is {here}"
         return None
 
-    def load(self, entry: Entry, folder: Path, device: torch.device, model) -> Engine:
+    def load(self, entry: Entry, folder: Path, device: torch.device, model, options: Mapping | None = None) -> Engine:
         constants = model.constants()
         info = entry.files[AOTI_FILE]
         data = read_verified(entry_file(folder, entry, AOTI_FILE), info.sha256, info.bytes)

@@ -135,7 +135,7 @@ class InductorBackend(Backend):
             return f"an aot_compile artifact, and torch {torch.__version__} cannot load those"
         return None
 
-    def load(self, entry: Entry, folder: Path, device: torch.device, model) -> Engine:
+    def load(self, entry: Entry, folder: Path, device: torch.device, model, options: Mapping | None = None) -> Engine:
         info = entry.files[INDUCTOR_FILE]
         data = read_verified(entry_file(folder, entry, INDUCTOR_FILE), info.sha256, info.bytes)
         return InductorEngine(entry, device, model, entry.options["form"], data)

@@ -93,6 +93,6 @@ class OnnxRuntimeBackend(Backend):
             return "ONNX Runtime's CPU provider has no bf16 kernels; build and run it on a GPU machine"
         return None
 
-    def load(self, entry: Entry, folder: Path, device: torch.device, model) -> Engine:
+    def load(self, entry: Entry, folder: Path, device: torch.device, model, options: Mapping | None = None) -> Engine:
         constants = model.constants()
         return OnnxRuntimeEngine(entry, entry_file(folder, entry, ONNX_FILE), device, constants)

@@ -1,12 +1,21 @@
 """TensorRT plans (`engine.plan`) at run time, with torch tensors.
 
-Before deserializing, the manifest's TensorRT version and compute capability are compared with this
-machine's and a mismatch is refused with the reason (the front then falls back). A plan TensorRT
-will not deserialize (`None`) is refused with the logger's text. Weight-stripped plans are refitted
-at load from the entry's ONNX weights (`OnnxParserRefitter`). Inputs and the output are bound by
-name to torch tensors and the engine runs with `execute_async_v3` on the current torch stream; with
-`cuda_graphs` the enqueue is captured once into a CUDA graph over static buffers and replayed.
-`release()` frees the engine's device memory (for two-expert models short of memory).
+Before deserializing, the manifest's TensorRT version, compute capability, hardware-compatibility
+level and precision are compared with this machine's (`compatibility_problem`) and a mismatch is
+refused with the reason (the front then falls back). A plan TensorRT will not deserialize (`None`) is
+refused with the logger's text. Then, all on the engine's own device (`torch.cuda.device`):
+- weight-stripped plans are refitted from the entry's ONNX weights (`OnnxParserRefitter`; its own
+  parse errors are reported);
+- plans built for weight streaming get their budget (`weight_streaming_budget_v2`) before the
+  execution context exists: TensorRT's automatic budget, or one from the profile or the call
+  (`weight_streaming_budget_gb`); TensorRT's default would keep every weight resident;
+- inputs and the output are bound by name, from the manifest's input names;
+- `execute_async_v3` runs on a private stream ordered after the caller's stream and before it
+  again (the legacy default stream costs TensorRT extra synchronisations); tensors used on it are
+  recorded on it, so torch's allocator does not reuse them early;
+- with `cuda_graphs` the enqueue is captured once into a CUDA graph over static buffers and replayed
+  (refused together with weight streaming, which makes enqueueV3 synchronous and uncapturable).
+`release()` frees the engine's device memory.
 
 Written from NVIDIA's documented API; TensorRT cannot be installed on the machines this project is
 built and tested on, so this path has not run on hardware (README, TensorRT section).
@@ -14,6 +23,9 @@ built and tested on, so this path has not run on hardware (README, TensorRT sect
 
 from __future__ import annotations
 
+import logging
+from collections import deque
+from importlib import metadata
 from pathlib import Path
 from typing import Mapping
 
@@ -24,39 +36,112 @@ from ..manifest import FP4_DATA, ONNX_DATA, ONNX_FILE, PLAN_FILE, Entry, entry_f
 from ..precision import Precision
 from . import Backend, Engine
 
+log = logging.getLogger("wan_build.runtime")
+
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                 "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8}
+HARDWARE_LEVELS = ("none", "same_compute_capability", "ampere_plus")
+LOGGED = ("INTERNAL_ERROR", "ERROR", "WARNING")  # what the logger keeps (not the verbose build chatter)
 
 
 class EngineRefused(RuntimeError):
     """This machine cannot use the plan; the message says why."""
 
 
-def compatibility_problem(built_with: str | None, built_for: str | None, portable: bool, trt_version: str | None,
-                          device: torch.device, capability: tuple[int, int] | None) -> str | None:
+class CudaCalls:
+    """Every CUDA call the engine makes, in one place (tests replace it with a recording stand-in,
+    since no GPU is there to observe)."""
+
+    device = staticmethod(torch.cuda.device)
+    current_device = staticmethod(torch.cuda.current_device)
+    capability = staticmethod(torch.cuda.get_device_capability)
+    name = staticmethod(torch.cuda.get_device_name)
+    current_stream = staticmethod(torch.cuda.current_stream)
+    stream = staticmethod(torch.cuda.Stream)
+    use_stream = staticmethod(torch.cuda.stream)
+    graph = staticmethod(torch.cuda.graph)
+    new_graph = staticmethod(torch.cuda.CUDAGraph)
+
+    @staticmethod
+    def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+        return tensor.to(device).contiguous()
+
+    @staticmethod
+    def empty(shape, dtype, device) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def record(tensor: torch.Tensor, stream) -> None:
+        tensor.record_stream(stream)
+
+
+CUDA = CudaCalls()
+
+
+def trt_version() -> str | None:
+    """The installed TensorRT's version, from the module when it imports, else its package metadata
+    (one source for the build, the manifest and the check at load)."""
+    try:
+        import tensorrt as trt
+
+        return trt.__version__
+    except ImportError:
+        pass
+    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def compatibility_problem(built_with: str | None, built_for: str | None, level: str, trt_version: str | None,
+                          device: torch.device, capability: tuple[int, int] | None,
+                          precision: str = "bf16") -> str | None:
     """Why this TensorRT and GPU cannot run a plan built with TensorRT `built_with` for compute
-    capability `built_for` (checked before deserializing), or None."""
+    capability `built_for` at hardware-compatibility `level` (checked before deserializing), or None.
+
+    none and same_compute_capability: the compute capability must be the one built for (same_compute
+    _capability lets the plan move between GPU models of it); ampere_plus: 8.0 or newer. FP8 (8.9) and
+    FP4 (10.0) kernels keep their own minimums at every level."""
     if built_with != trt_version:
         return (f"built with TensorRT {built_with}, this machine has {trt_version or 'none'} "
                 "(plans need the exact version)")
     if torch.device(device).type != "cuda" or capability is None:
         return f"TensorRT plans run on CUDA devices, the model is on {torch.device(device).type}"
+    if level not in HARDWARE_LEVELS:
+        return f"hardware_compatibility {level!r} is not one of {', '.join(HARDWARE_LEVELS)}"
     here = f"{capability[0]}.{capability[1]}"
-    if built_for != here and not portable:
-        return f"built for compute capability {built_for}, this GPU is {here}"
+    if level == "ampere_plus":
+        if tuple(capability) < (8, 0):
+            return f"built for Ampere and newer (compute capability 8.0+), this GPU is {here}"
+    elif built_for != here:
+        return f"built for compute capability {built_for} ({level}), this GPU is {here}"
+    return Precision(precision).hardware_problem(device, capability)
+
+
+def gpu_model_warning(built_on: str | None, here: str | None, level: str) -> str | None:
+    """At level none a plan is tuned for the GPU model it was built on; another model of the same
+    compute capability runs it, possibly slower (TensorRT warns too)."""
+    if level == "none" and built_on and here and built_on != here:
+        return (f"built on {built_on}, running on {here} (same compute capability): it runs, but its kernels "
+                "were chosen for the other GPU; rebuild here for full speed")
     return None
 
 
-def make_logger(trt):
-    """A TensorRT ILogger that keeps every message (the only place TensorRT says why it failed)."""
+def make_logger(trt, keep: int = 200):
+    """A TensorRT ILogger keeping the last `keep` errors and warnings (the only place TensorRT says why
+    it failed); info and verbose messages are dropped, not accumulated."""
 
     class Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
-            self.messages: list[tuple[str, str]] = []
+            self.messages: deque[tuple[str, str]] = deque(maxlen=keep)
 
         def log(self, severity, msg):
-            self.messages.append((str(severity).rsplit(".", 1)[-1], msg))
+            level = str(severity).rsplit(".", 1)[-1]
+            if level in LOGGED:
+                self.messages.append((level, msg))
 
         def errors(self) -> list[str]:
             return [m for s, m in self.messages if s in ("ERROR", "INTERNAL_ERROR")]
@@ -67,47 +152,74 @@ def make_logger(trt):
     return Logger()
 
 
+def parser_errors(parser) -> list[str]:
+    """An ONNX parser's or parser refitter's own errors, with node and operator."""
+    out = []
+    for i in range(parser.num_errors):
+        e = parser.get_error(i)
+        out.append(f"node {e.node_name() or '?'} ({e.node_operator() or '?'}): {e.desc()}")
+    return out
+
+
 class TensorRTEngine(Engine):
     """A plan from `plan` (its bytes, already checked); `plan_path` names it in messages and locates
     the ONNX weights a stripped plan is refitted from."""
 
     def __init__(self, entry: Entry, plan_path: Path, plan: bytes, device: torch.device,
                  constants: Mapping[str, torch.Tensor] | None, *, built_with: str | None, built_for: str | None,
-                 options: Mapping[str, object]):
+                 options: Mapping[str, object], streaming_budget_gb: float | None = None):
         import tensorrt as trt
 
         super().__init__(entry, device)
-        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
-        portable = options.get("hardware_compatibility", "none") != "none"
-        problem = compatibility_problem(built_with, built_for, portable, trt.__version__, self.device, capability)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", CUDA.current_device())
+        capability = tuple(CUDA.capability(self.device)) if self.device.type == "cuda" else None
+        level = str(options.get("hardware_compatibility", "none"))
+        problem = compatibility_problem(built_with, built_for, level, trt.__version__, self.device, capability,
+                                        entry.precision)
+        streaming = bool(options.get("weight_streaming", False))
+        self._cuda_graphs = bool(options.get("cuda_graphs", False))
+        if not problem and streaming and self._cuda_graphs:
+            problem = ("cuda_graphs with weight_streaming: TensorRT makes enqueueV3 synchronous and uncapturable "
+                       "while it streams weights; build it with one of the two")
         if problem:
             raise EngineRefused(problem)
+        warning = gpu_model_warning(entry.device.get("name"), CUDA.name(self.device), level)
+        if warning:
+            log.warning("engine %s: %s", entry.id, warning)
         self._logger = make_logger(trt)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(plan)
-        if self.engine is None:
-            raise EngineRefused(f"TensorRT could not deserialize {plan_path}: "
-                                + ("; ".join(self._logger.errors()) or "no reason logged"))
-        if options.get("strip_weights", False):
-            self._refit(trt, Path(plan_path).with_name(ONNX_FILE))
-        self.context = self.engine.create_execution_context()
+        with CUDA.device(self.device):  # deserialize, refit, context and enqueue bind to the current device
+            self._runtime = trt.Runtime(self._logger)
+            self.engine = self._runtime.deserialize_cuda_engine(plan)
+            if self.engine is None:
+                raise EngineRefused(f"TensorRT could not deserialize {plan_path}: "
+                                    + ("; ".join(self._logger.errors()) or "no reason logged"))
+            if options.get("strip_weights", False):
+                self._refit(trt, Path(plan_path).with_name(ONNX_FILE))
+            if streaming:
+                self.streaming_budget = self._set_streaming_budget(
+                    streaming_budget_gb if streaming_budget_gb is not None else options.get("weight_streaming_budget_gb"))
+            self.context = self.engine.create_execution_context()
+            self._stream = CUDA.stream(self.device)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self._output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        # Inputs beyond the call's own are the shape tables, fed from the model's tensors.
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        # Bound by name, never by position: TensorRT documents no order of its I/O tensors. Inputs
+        # beyond the call's own are the shape tables, fed from the model's tensors.
         self._inputs = [i.name for i in entry.inputs]
+        self._output = entry.outputs[0].name if entry.outputs and entry.outputs[0].name in outputs else \
+            (outputs[0] if len(outputs) == 1 else None)
         tables = [n for n in inputs if n not in self._inputs]
         missing = [n for n in tables if constants is None or n not in constants]
-        if missing or sorted(set(inputs) - set(tables)) != sorted(self._inputs):
-            raise EngineRefused(f"{plan_path}: plan inputs {inputs} do not match the entry's {self._inputs} "
-                                "plus shape tables")
-        self._tables = {n: constants[n].to(self.device).contiguous() for n in tables}
+        if missing or sorted(set(inputs) - set(tables)) != sorted(self._inputs) or self._output is None:
+            raise EngineRefused(f"{plan_path}: plan inputs {inputs} and outputs {outputs} do not match the entry's "
+                                f"{self._inputs} plus shape tables")
+        self._tables = {n: CUDA.to_device(constants[n], self.device) for n in tables}
         self._out_shape = tuple(self.engine.get_tensor_shape(self._output))
         self._out_dtype = TORCH_DTYPES[str(self.engine.get_tensor_dtype(self._output)).rsplit(".", 1)[-1]]
         for name, t in self._tables.items():
             self.context.set_tensor_address(name, t.data_ptr())
-        self._cuda_graphs = bool(options.get("cuda_graphs", False))
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph = None
         self._static_in: list[torch.Tensor] = []
         self._static_out: torch.Tensor | None = None
 
@@ -115,42 +227,59 @@ class TensorRTEngine(Engine):
         """Put the weights back into a weight-stripped plan, from the entry's ONNX weights file."""
         refitter = trt.Refitter(self.engine, self._logger)
         parser_refitter = trt.OnnxParserRefitter(refitter, self._logger)
-        if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
+        if not parser_refitter.refit_from_file(str(onnx_path)):
+            raise EngineRefused(f"refitting the weight-stripped plan from {onnx_path} failed: "
+                                + ("; ".join(parser_errors(parser_refitter) or self._logger.errors())
+                                   or "no reason logged"))
+        if not refitter.refit_cuda_engine():
             raise EngineRefused(f"refitting the weight-stripped plan from {onnx_path} failed: "
                                 + ("; ".join(self._logger.errors()) or "no reason logged"))
+
+    def _set_streaming_budget(self, budget_gb) -> int:
+        """Bytes of weights kept on the GPU: TensorRT's automatic budget unless one is given."""
+        if budget_gb is None or budget_gb == "auto":
+            budget = int(self.engine.get_weight_streaming_automatic_budget())
+        else:
+            budget = max(0, min(int(float(budget_gb) * 1e9), int(self.engine.streamable_weights_size)))
+        self.engine.weight_streaming_budget_v2 = budget
+        log.info("engine %s streams weights: %.2f of %.2f GB resident", self.entry.id, budget / 1e9,
+                 self.engine.streamable_weights_size / 1e9)
+        return budget
 
     def _enqueue(self, stream: torch.cuda.Stream) -> None:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed: " + "; ".join(self._logger.errors()[-3:]))
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if self._cuda_graphs:
-            return self._replay(inputs)
-        stream = torch.cuda.current_stream(self.device)
-        # Keep the inputs alive until the stream has consumed them (some are the base class's copies).
-        self._keep = list(inputs)
-        for name, t in zip(self._inputs, self._keep):
-            self.context.set_tensor_address(name, t.data_ptr())
-        out = torch.empty(self._out_shape, dtype=self._out_dtype, device=self.device)
-        self.context.set_tensor_address(self._output, out.data_ptr())
-        self._enqueue(stream)
+        caller = CUDA.current_stream(self.device)
+        with CUDA.device(self.device):
+            if self._cuda_graphs:
+                return self._replay(inputs, caller)
+            self._stream.wait_stream(caller)  # the inputs are ready on the caller's stream
+            for name, t in zip(self._inputs, inputs):
+                self.context.set_tensor_address(name, t.data_ptr())
+                CUDA.record(t, self._stream)  # not reused before our stream is done with it
+            out = CUDA.empty(self._out_shape, self._out_dtype, self.device)
+            CUDA.record(out, self._stream)
+            self.context.set_tensor_address(self._output, out.data_ptr())
+            self._enqueue(self._stream)
+            caller.wait_stream(self._stream)  # the caller sees the output only when it is written
         return out
 
-    def _replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _replay(self, inputs: tuple[torch.Tensor, ...], caller: torch.cuda.Stream) -> torch.Tensor:
         if self._graph is None:
             self._static_in = [t.clone() for t in inputs]
-            self._static_out = torch.empty(self._out_shape, dtype=self._out_dtype, device=self.device)
+            self._static_out = CUDA.empty(self._out_shape, self._out_dtype, self.device)
             for name, t in zip(self._inputs, self._static_in):
                 self.context.set_tensor_address(name, t.data_ptr())
             self.context.set_tensor_address(self._output, self._static_out.data_ptr())
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._enqueue(side)  # the first enqueue does TensorRT's lazy setup outside the capture
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph, stream=side):
-                self._enqueue(side)
+            self._stream.wait_stream(caller)
+            with CUDA.use_stream(self._stream):
+                self._enqueue(self._stream)  # the first enqueue does TensorRT's lazy setup outside the capture
+            self._graph = CUDA.new_graph()
+            with CUDA.graph(self._graph, stream=self._stream):
+                self._enqueue(self._stream)
+            caller.wait_stream(self._stream)
         for buffer, t in zip(self._static_in, inputs):
             buffer.copy_(t)
         self._graph.replay()
@@ -182,15 +311,15 @@ class TensorRTBackend(Backend):
 
     def compatibility(self, entry: Entry, device: torch.device, capability: tuple[int, int] | None,
                       versions: Mapping[str, str | None]) -> str | None:
-        portable = entry.options.get("hardware_compatibility", "none") != "none"
-        return compatibility_problem(entry.versions.get("tensorrt"), entry.device.get("compute_capability"), portable,
-                                     versions.get("tensorrt"), device, capability) \
-            or self.runs(Precision(entry.precision), device, capability)
+        return compatibility_problem(entry.versions.get("tensorrt"), entry.device.get("compute_capability"),
+                                     str(entry.options.get("hardware_compatibility", "none")), trt_version(), device,
+                                     capability, entry.precision)
 
-    def load(self, entry: Entry, folder: Path, device: torch.device, model) -> Engine:
+    def load(self, entry: Entry, folder: Path, device: torch.device, model, options: Mapping | None = None) -> Engine:
         constants = model.constants()
         path = entry_file(folder, entry, PLAN_FILE)
         info = entry.files[PLAN_FILE]
         plan = read_verified(path, info.sha256, info.bytes)
         return TensorRTEngine(entry, path, plan, device, constants, built_with=entry.versions.get("tensorrt"),
-                              built_for=entry.device.get("compute_capability"), options=entry.options)
+                              built_for=entry.device.get("compute_capability"), options=entry.options,
+                              streaming_budget_gb=(options or {}).get("weight_streaming_budget_gb"))

@@ -1,0 +1,458 @@
+"""The TensorRT review's findings, pinned: each against a recording stand-in for `tensorrt` and for the
+CUDA calls, since neither TensorRT nor a GPU is here to observe.
+
+Streaming budgets set before the context; hardware-compatibility levels read per level and
+precision; TF32 cleared for fp32; a private stream ordered with the caller's, on the engine's device;
+I/O bound by name; refitter errors reported; a bounded logger; one version source; the timing
+cache's result checked; opset 23 refused below TensorRT 10.15; no Cast between a dequantization and
+its GEMM; fp32 RMSNorm in bf16 models; the plans kept loaded capped; the torch weights freed while
+TensorRT builds."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.machinery
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import runtime.backends.tensorrt as trt_runtime
+from runtime import StaticShape, StaticWanTransformer, get_preset
+
+from .conftest import make_entry
+
+CONFIG = get_preset("tiny-t2v")
+SHAPE = StaticShape(1, 2, 4, 6, 8)
+VERSION = "11.4.0.106"
+
+
+# -- the stand-ins ----------------------------------------------------------------------------------
+class Recorder(list):
+    def names(self):
+        return [c[0] for c in self]
+
+
+def fake_trt(calls: Recorder, io: list[tuple[str, str, tuple, str]], refit_ok: bool = True) -> types.ModuleType:
+    """A `tensorrt` whose engine has the I/O tensors `io` ([(name, INPUT|OUTPUT, shape, dtype)], in
+    this order) and records every call in `calls`."""
+    trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # find_spec("tensorrt") must not raise
+    trt.__version__ = VERSION
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+
+    class ILogger:
+        def __init__(self):
+            pass
+
+    class Context:
+        def set_tensor_address(self, name, ptr):
+            calls.append(("set_tensor_address", name, ptr))
+
+        def execute_async_v3(self, stream):
+            calls.append(("execute_async_v3", stream))
+            return True
+
+    class Engine:
+        num_io_tensors = len(io)
+        streamable_weights_size = 10_000_000_000
+
+        def get_tensor_name(self, i):
+            return io[i][0]
+
+        def get_tensor_mode(self, name):
+            return next(m for n, m, _, _ in io if n == name)
+
+        def get_tensor_shape(self, name):
+            return next(s for n, _, s, _ in io if n == name)
+
+        def get_tensor_dtype(self, name):
+            return "DataType." + next(d for n, _, _, d in io if n == name)
+
+        def get_weight_streaming_automatic_budget(self):
+            return 3_000_000_000
+
+        def __setattr__(self, name, value):
+            calls.append(("set", name, value))
+            object.__setattr__(self, name, value)
+
+        def create_execution_context(self):
+            calls.append(("create_execution_context",))
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, plan):
+            calls.append(("deserialize_cuda_engine", plan))
+            return Engine()
+
+    class Refitter:
+        def __init__(self, engine, logger):
+            pass
+
+        def refit_cuda_engine(self):
+            calls.append(("refit_cuda_engine",))
+            return True
+
+    class Error:
+        def node_name(self):
+            return "blocks.0.attn1.to_q.weight"
+
+        def node_operator(self):
+            return "MatMul"
+
+        def desc(self):
+            return "weights of the wrong shape"
+
+    class OnnxParserRefitter:
+        num_errors = 0 if refit_ok else 1
+
+        def __init__(self, refitter, logger):
+            pass
+
+        def refit_from_file(self, path):
+            calls.append(("refit_from_file", path))
+            return refit_ok
+
+        def get_error(self, i):
+            return Error()
+
+    trt.ILogger, trt.Runtime, trt.Refitter, trt.OnnxParserRefitter = ILogger, Runtime, Refitter, OnnxParserRefitter
+    return trt
+
+
+class FakeStream:
+    def __init__(self, name, calls):
+        self.name, self.calls, self.cuda_stream = name, calls, hash(name) % 1000
+
+    def wait_stream(self, other):
+        self.calls.append(("wait_stream", self.name, other.name))
+
+
+def fake_cuda(calls: Recorder, capability=(9, 0), gpu="NVIDIA H200") -> types.SimpleNamespace:
+    caller = FakeStream("caller", calls)
+
+    @contextlib.contextmanager
+    def device(dev):
+        calls.append(("device in", str(dev)))
+        yield
+        calls.append(("device out", str(dev)))
+
+    return types.SimpleNamespace(
+        device=device, current_device=lambda: 0, capability=lambda dev: capability, name=lambda dev: gpu,
+        current_stream=lambda dev: caller, stream=lambda dev: FakeStream("private", calls),
+        use_stream=lambda s: contextlib.nullcontext(), graph=lambda g, stream: contextlib.nullcontext(),
+        new_graph=lambda: types.SimpleNamespace(replay=lambda: calls.append(("replay",))),
+        empty=lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype), to_device=lambda t, dev: t.contiguous(),
+        record=lambda t, s: calls.append(("record_stream", s.name)))
+
+
+def engine_io(model) -> list[tuple[str, str, tuple, str]]:
+    """The plan's tensors in an order that is not the entry's: tables first, the output in the middle."""
+    dtype = {torch.float32: "FLOAT", torch.bfloat16: "BF16"}
+    ins = [(s.name, "INPUT", s.shape, dtype[s.dtype]) for s in model.input_specs()]
+    tables = [(n, "INPUT", tuple(model.constants()[n].shape), "FLOAT") for n in ("rope_cos", "rope_sin", "time_freqs")]
+    out = model.output_spec()
+    return tables[:2] + [ins[2], (out.name, "OUTPUT", out.shape, dtype[out.dtype])] + ins[:2][::-1] + tables[2:]
+
+
+def make_engine(monkeypatch, options, precision="fp32", built_for="9.0", capability=(9, 0), refit_ok=True,
+                budget=None, gpu="NVIDIA H200"):
+    model = StaticWanTransformer(CONFIG, SHAPE).eval()
+    calls = Recorder()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(calls, engine_io(model), refit_ok))
+    monkeypatch.setattr(trt_runtime, "CUDA", fake_cuda(calls, capability, gpu))
+    entry = make_entry(CONFIG, SHAPE, "tensorrt", precision=precision,
+                       device={"type": "cuda", "name": "NVIDIA H200", "compute_capability": built_for},
+                       options=options)
+    engine = trt_runtime.TensorRTEngine(entry, Path("/e/engine.plan"), b"PLAN", torch.device("cuda", 0),
+                                        model.constants(), built_with=VERSION, built_for=built_for,
+                                        options=options, streaming_budget_gb=budget)
+    return engine, calls, model
+
+
+# -- 1. weight streaming ------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget,expected", [(None, 3_000_000_000), (4.5, 4_500_000_000), (99.0, 10_000_000_000),
+                                             (0.0, 0)])
+def test_the_streaming_budget_is_set_before_the_context(monkeypatch, budget, expected):
+    """Guards streaming plans running with TensorRT's default (every weight resident)."""
+    _, calls, _ = make_engine(monkeypatch, {"weight_streaming": True, "strip_weights": True}, budget=budget)
+    names = calls.names()
+    assert ("set", "weight_streaming_budget_v2", expected) in calls
+    assert names.index("refit_cuda_engine") < calls.index(("set", "weight_streaming_budget_v2", expected)) < \
+        names.index("create_execution_context")
+
+
+def test_no_budget_without_streaming(monkeypatch):
+    _, calls, _ = make_engine(monkeypatch, {"weight_streaming": False})
+    assert not any(c[:2] == ("set", "weight_streaming_budget_v2") for c in calls)
+
+
+def test_cuda_graphs_and_streaming_are_refused_together(monkeypatch, tmp_path):
+    with pytest.raises(trt_runtime.EngineRefused, match="cuda_graphs with weight_streaming"):
+        make_engine(monkeypatch, {"weight_streaming": True, "cuda_graphs": True})
+    from builder.profiles import ProfileError, load_profile
+
+    (tmp_path / "p.yaml").write_text("name: t\nmodel: {preset: tiny-t2v, weights: w}\nprecision: bf16\n"
+                                     "backends: tensorrt\nshapes:\n  - {frames: 5, height: 32, width: 48}\n"
+                                     "tensorrt: {weight_streaming: true, cuda_graphs: true}\n")
+    with pytest.raises(ProfileError, match="tensorrt.cuda_graphs: cannot be combined with weight_streaming"):
+        load_profile(tmp_path / "p.yaml", check_weights=False)
+    (tmp_path / "p.yaml").write_text("name: t\nmodel: {preset: tiny-t2v, weights: w}\nprecision: bf16\n"
+                                     "backends: tensorrt\nshapes:\n  - {frames: 5, height: 32, width: 48}\n"
+                                     "tensorrt: {weight_streaming_budget_gb: 4}\n")
+    with pytest.raises(ProfileError, match="weight_streaming_budget_gb: is a budget for weight streaming"):
+        load_profile(tmp_path / "p.yaml", check_weights=False)
+
+
+# -- 2. hardware-compatibility levels -------------------------------------------------------------------
+@pytest.mark.parametrize("level,built_for,here,precision,ok", [
+    ("none", "9.0", (9, 0), "bf16", True), ("none", "9.0", (8, 9), "bf16", False),
+    ("same_compute_capability", "9.0", (9, 0), "bf16", True), ("same_compute_capability", "8.6", (8, 9), "bf16", False),
+    ("ampere_plus", "8.0", (9, 0), "bf16", True), ("ampere_plus", "9.0", (8, 6), "bf16", True),
+    ("ampere_plus", "8.0", (7, 5), "bf16", False), ("ampere_plus", "9.0", (8, 6), "fp8", False),
+    ("ampere_plus", "10.0", (9, 0), "nvfp4", False), ("none", "8.9", (8, 9), "fp8", True),
+])
+def test_hardware_compatibility_per_level_and_precision(level, built_for, here, precision, ok):
+    """Guards any non-none level skipping every check (plans listed usable that TensorRT rejects)."""
+    problem = trt_runtime.compatibility_problem(VERSION, built_for, level, VERSION, torch.device("cuda"), here,
+                                                precision)
+    assert (problem is None) == ok, problem
+    if not ok and precision in ("fp8", "nvfp4") and level == "ampere_plus":
+        assert "needs compute capability" in problem
+
+
+def test_a_plan_on_another_gpu_model_warns(monkeypatch, caplog):
+    make_engine(monkeypatch, {"hardware_compatibility": "none"}, gpu="NVIDIA H100 80GB HBM3")
+    assert "built on NVIDIA H200, running on NVIDIA H100" in caplog.text
+
+
+def test_plans_are_refused_for_another_tensorrt_or_the_cpu():
+    cuda = torch.device("cuda")
+    assert "built with TensorRT 10.16.1.11, this machine has 11.4.0.106" in trt_runtime.compatibility_problem(
+        "10.16.1.11", "9.0", "none", VERSION, cuda, (9, 0))
+    assert "run on CUDA devices" in trt_runtime.compatibility_problem(VERSION, "9.0", "none", VERSION,
+                                                                      torch.device("cpu"), None)
+
+
+# -- 4 and 7. device, private stream, binding by name ----------------------------------------------------
+def test_the_engine_binds_by_name_on_its_own_stream_and_device(monkeypatch):
+    engine, calls, model = make_engine(monkeypatch, {"strip_weights": True})
+    assert calls.names()[:2] == ["device in", "deserialize_cuda_engine"]
+    assert calls.names().index("device out") > calls.names().index("create_execution_context")
+    inputs = model.example_inputs(3)
+    calls.clear()
+    engine(*inputs)
+    bound = {name: ptr for op, name, ptr in (c for c in calls if c[0] == "set_tensor_address")}
+    for spec, t in zip(model.input_specs(), inputs):  # the plan lists them in another order
+        assert bound[spec.name] == t.data_ptr()
+    order = calls.names()
+    assert order[0] == "device in" and order[-1] == "device out"
+    assert ("wait_stream", "private", "caller") in calls and ("wait_stream", "caller", "private") in calls
+    assert order.index("wait_stream") < order.index("execute_async_v3") < len(order) - 1 - order[::-1].index(
+        "wait_stream")
+    execute = next(c for c in calls if c[0] == "execute_async_v3")
+    assert execute[1] == FakeStream("private", []).cuda_stream  # not the caller's (default) stream
+    assert calls.count(("record_stream", "private")) == len(inputs) + 1
+
+
+# -- 8. refitter errors, the logger, one version ----------------------------------------------------------
+def test_refitter_parse_errors_are_reported(monkeypatch):
+    with pytest.raises(trt_runtime.EngineRefused, match=r"node blocks.0.attn1.to_q.weight \(MatMul\): weights of "
+                                                         "the wrong shape"):
+        make_engine(monkeypatch, {"strip_weights": True}, refit_ok=False)
+
+
+def test_the_logger_keeps_only_recent_errors_and_warnings():
+    trt = types.ModuleType("tensorrt")
+    trt.ILogger = type("ILogger", (), {"__init__": lambda self: None})
+    logger = trt_runtime.make_logger(trt, keep=5)
+    for i in range(1000):
+        logger.log("Severity.VERBOSE", f"v{i}")
+        logger.log("Severity.INFO", f"i{i}")
+    for i in range(8):
+        logger.log("Severity.WARNING", f"w{i}")
+    logger.log("Severity.ERROR", "e")
+    assert len(logger.messages) == 5 and logger.errors() == ["e"] and logger.warnings() == ["w4", "w5", "w6", "w7"]
+
+
+def test_one_version_source(monkeypatch):
+    fake = types.ModuleType("tensorrt")
+    fake.__spec__, fake.__version__ = importlib.machinery.ModuleSpec("tensorrt", None), "10.16.1.11"
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    from runtime.manifest import tool_versions
+
+    assert trt_runtime.trt_version() == "10.16.1.11" == tool_versions()["tensorrt"]
+
+
+# -- 3 and 8. the builder: TF32, the timing cache, opsets ----------------------------------------------
+def test_tf32_is_cleared_for_fp32_only_and_a_mismatched_timing_cache_is_not_used(monkeypatch, tmp_path):
+    from builder.backends import tensorrt as trt_builder
+    from builder.profiles import TensorRTOptions
+
+    from .test_tensorrt import fake_tensorrt
+
+    for precision, cleared in (("fp32", True), ("bf16", False), ("fp8", False)):
+        trt = fake_tensorrt(VERSION)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        (tmp_path / precision).mkdir()
+        info = trt_builder.build_plan(tmp_path / "m.onnx", tmp_path / precision / "engine.plan", TensorRTOptions(),
+                                      tmp_path / "cache", "NVIDIA H200", "9.0", precision)
+        assert (("clear_flag", "BuilderFlag.TF32") in trt.calls) == cleared and info.tf32 == (not cleared)
+    trt = fake_tensorrt(VERSION, cache_matches=False)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    (tmp_path / "x").mkdir()
+    info = trt_builder.build_plan(tmp_path / "m.onnx", tmp_path / "x" / "engine.plan", TensorRTOptions(),
+                                  tmp_path / "cache", "NVIDIA H200", "9.0", "bf16")
+    assert not info.timing_cache_used and [c for c in trt.calls if c[0] == "timing_cache_in"][-1][1] == b""
+
+
+@pytest.mark.parametrize("opset,version,ok", [(23, "10.14.1.48", False), (23, "10.15.1.29", True),
+                                              (20, "10.13.0.35", True), (23, "11.4.0.106", True)])
+def test_opset_23_needs_tensorrt_10_15(opset, version, ok):
+    from builder.backends.tensorrt import opset_problem
+
+    problem = opset_problem(opset, version)
+    assert (problem is None) == ok
+    if not ok:
+        assert "use onnx_opset: 20" in problem
+
+
+# -- 5. no Cast between dequantization and GEMM ------------------------------------------------------------
+def test_fp8_scales_are_stored_in_the_graph_dtype(tmp_path):
+    pytest.importorskip("onnx")
+    import onnx
+
+    from builder.build.export import export_onnx
+    from builder.build.onnx_check import GraphCheckError, check_for_tensorrt
+    from builder.quantize.fp8 import Calibration, insert_fp8_qdq
+    from runtime.fp8 import fp8_layer_names
+
+    config = CONFIG.replace(num_layers=4)
+    model = StaticWanTransformer(config, SHAPE).eval().to(torch.bfloat16)
+    path = export_onnx(config, SHAPE, model.constants(), torch.bfloat16, tmp_path, 23)
+    names = fp8_layer_names(model, config.num_layers)
+    insert_fp8_qdq(path, Calibration({n: (2.0, 0.5) for n in names}, 0.0, 1, torch.zeros(1)), torch.bfloat16)
+    graph = onnx.load(str(path), load_external_data=False)
+    scales = [i for i in graph.graph.initializer if i.name.endswith(".fp8_scale")]
+    assert len(scales) == 2 * len(names) and {i.data_type for i in scales} == {16}  # BFLOAT16
+    assert not [n for n in graph.graph.node if n.op_type == "Cast" and n.output[0].endswith("fp8_scale.cast")]
+    assert check_for_tensorrt(path, config)["qdq"] == 2 * len(names)
+    # a scale behind a Cast (what the writer used to emit) is named by the check
+    from onnx import helper
+
+    q = next(n for n in graph.graph.node if n.op_type == "QuantizeLinear")
+    graph.graph.node.insert(0, helper.make_node("Cast", [q.input[1]], ["scale.cast"], to=16, name="scale_cast"))
+    q.input[1] = "scale.cast"
+    onnx.save(graph, str(tmp_path / "bad.onnx"))
+    with pytest.raises(GraphCheckError, match=r"its scale comes from node scale_cast \(Cast\)"):
+        check_for_tensorrt(tmp_path / "bad.onnx", config)
+
+
+# -- 6. RMSNorm computed in fp32 in bf16 models --------------------------------------------------------------
+def test_qk_rms_norms_compute_in_fp32_in_bf16_models():
+    """A strongly typed network takes a norm's precision from its input: the export must feed the q/k
+    RMSNorms fp32 in a bf16 model (guards dropping the casts around them)."""
+    pytest.importorskip("onnx")
+    import onnx
+
+    from builder.build.export import export_onnx
+
+    model = StaticWanTransformer(CONFIG, SHAPE).eval().to(torch.bfloat16)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(CONFIG, SHAPE, model.constants(), torch.bfloat16, Path(tmp), 23)
+        graph = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    types_of = {v.name: v.type.tensor_type.elem_type for v in list(graph.graph.value_info) + list(graph.graph.input)}
+    types_of.update({i.name: i.data_type for i in graph.graph.initializer})
+    norms = [n for n in graph.graph.node if n.op_type == "RMSNormalization"]
+    assert len(norms) == 4 * CONFIG.num_layers  # q and k of self- and cross-attention
+    assert all(types_of.get(n.input[0]) == 1 for n in norms), [types_of.get(n.input[0]) for n in norms]
+
+
+# -- 9. memory: plans kept loaded, torch weights freed while TensorRT builds -------------------------------
+def test_at_most_max_loaded_engines_stay_loaded(tmp_path, monkeypatch):
+    """Guards every loaded per-shape plan (each with its own copy of the weights) staying resident."""
+    import runtime.engines as engines_module
+    from runtime.backends import Backend, Engine
+    from runtime.engines import EngineSet
+
+    released, loads = [], []
+
+    class Loaded(Engine):
+        def run(self, *inputs):
+            return inputs[0]
+
+        def release(self):
+            released.append(self.entry.id)
+
+    class Fake(Backend):
+        name, library = "tensorrt", "torch"
+
+        def required_files(self, entry):
+            return ()
+
+        def compatibility(self, entry, device, capability, versions):
+            return None
+
+        def load(self, entry, folder, device, model, options=None):
+            loads.append(entry.id)
+            return Loaded(entry, device)
+
+    monkeypatch.setattr(engines_module, "backend", lambda name: Fake())
+    shapes = [StaticShape(1, 2, 4, 6, 8), StaticShape(1, 2, 4, 8, 8), StaticShape(1, 2, 4, 10, 8)]
+    entries = [make_entry(CONFIG, s, "tensorrt", id=f"{i:016x}") for i, s in enumerate(shapes)]
+    engines = EngineSet(tmp_path, "main", entries, max_loaded=2)
+    for shape in shapes[:2] + shapes[:1] + shapes[2:]:  # a, b, a again, then c: b is the least recent
+        engine, _, reason = engines.route(shape, "fp32", torch.device("cpu"), lambda: None)
+        assert engine is not None, reason
+    assert loads == [entries[0].id, entries[1].id, entries[2].id] and released == [entries[1].id]
+    assert sorted(k[0] for k in engines._loaded) == [entries[0].id, entries[2].id]
+
+
+def test_low_memory_frees_the_torch_weights_before_tensorrt_builds(tmp_path, monkeypatch):
+    from builder.build import build
+    from builder.init_weights import init_weights
+    from builder.profiles import load_profile
+    from runtime.backends.onnxruntime import OnnxRuntimeEngine
+
+    from .conftest import stand_in_for_tensorrt
+
+    seen = {}
+
+    def ort_engine(entry, plan_path, constants):
+        seen["constants"] = sorted(constants)
+        return OnnxRuntimeEngine(entry, Path(plan_path).with_name("model.onnx"), torch.device("cpu"), constants)
+
+    trt_builder = stand_in_for_tensorrt(monkeypatch, ort_engine)
+    real = trt_builder.build_plan
+
+    def watching(*args, **kwargs):
+        seen["released before the plan"] = released[:]
+        return real(*args, **kwargs)
+    monkeypatch.setattr(trt_builder, "build_plan", watching)
+    released = []
+    import builder.build as build_module
+
+    real_files = build_module.build_files
+
+    def files(*args, **kwargs):
+        release = args[9] if len(args) > 9 else kwargs.get("release")
+        args = list(args)
+        args[9] = lambda: (released.append("weights"), release())
+        return real_files(*args, **kwargs)
+    monkeypatch.setattr(build_module, "build_files", files)
+    init_weights(CONFIG, tmp_path / "w", seed=2)
+    (tmp_path / "p.yaml").write_text("name: t\nmodel: {weights: w}\nprecision: fp32\nbackends: [tensorrt]\n"
+                                     "shapes:\n  - {frames: 5, height: 32, width: 48}\n"
+                                     "tensorrt: {strip_weights: true, low_memory: true}\n")
+    report = build(load_profile(tmp_path / "p.yaml"), tmp_path / "out", echo=lambda s: None)
+    assert [r.status for r in report.results] == ["built"], report.table()
+    assert seen["released before the plan"] == ["weights"]
+    assert seen["constants"] == ["rope_cos", "rope_sin", "time_freqs"]  # only the tables were kept
+    assert report.results[0].relative_error < 1e-5

@@ -97,8 +97,11 @@ CHILD = textwrap.dedent("""
 """)
 
 
+FORMS = ("embedded", "user-managed", "copied", "on-disk")
+
+
 def variants(device: str, quick: bool) -> list[dict]:
-    out = [{"name": f"form={f}", "form": f} for f in ("embedded", "user-managed", "copied", "on-disk")]
+    out = [{"name": f"form={f}", "form": f} for f in FORMS]
     out += [{"name": "loader=class", "form": "user-managed", "loader": "class"},
             {"name": "process=fresh", "form": "user-managed", "fresh": True},
             {"name": "options=so-only", "form": "embedded", "so_only": True}]
@@ -159,16 +162,25 @@ def main() -> None:
     parser.add_argument("--wan", action="store_true", help="also probe a tiny Wan static model")
     parser.add_argument("--quick", action="store_true", help="three variants only (the test)")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per child process")
+    parser.add_argument("--forms", help="comma-separated package forms: only their plain variants, on --device only"
+                        " (the benchmark's pre-flight check)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    forms = set(args.forms.split(",")) if args.forms else None
+    unknown = (forms or set()) - set(FORMS)
+    if unknown:
+        parser.error(f"--forms: unknown {', '.join(sorted(unknown))}; choose from {', '.join(FORMS)}")
     import torch
 
     print(f"aoti probe: torch {torch.__version__}, CUDA {torch.version.cuda}, device {args.device}", flush=True)
-    devices = [args.device] + (["cpu"] if args.device == "cuda" else [])
+    devices = [args.device] + (["cpu"] if args.device == "cuda" and not forms else [])
     results = []
     for device in devices:
         for model in (False, True) if args.wan else (False,):
-            for v in variants(device, args.quick or device != args.device):
+            chosen = variants(device, args.quick or device != args.device)
+            if forms:
+                chosen = [v for v in variants(device, False) if v["name"] in {f"form={f}" for f in forms}]
+            for v in chosen:
                 folder = tempfile.mkdtemp(prefix="aoti-probe-")
                 spec = {**v, "device": device, "wan": model, "root": str(ROOT), "path": f"{folder}/p.pt2",
                         "name": f"{device} {'wan' if model else 'mlp'} {v['name']}"}

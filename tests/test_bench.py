@@ -53,14 +53,18 @@ def test_gpu_harness_runs_tiny_on_cpu(tmp_path):
 def test_gpu_harness_compiled_variants_run_on_cpu(tmp_path):
     """torch.compile and AOTInductor run on a CPU too (Inductor's C++ backend): the harness's compiled
     variants of one block, with a budget that cannot run out. Guards against the compiled variants
-    failing (or being dropped) where the other test cannot see it. Measured: compile 31 s, AOTInductor
-    17 s, both 3.1e-3 from the eager bf16 block (fusions round intermediates elsewhere)."""
+    failing (or being dropped) where the other test cannot see it, and the AOTInductor pre-flight probe
+    with it. Measured: compile 31 s, AOTInductor 17 s, both 3.1e-3 from the eager bf16 block (fusions
+    round intermediates elsewhere); the probe 21 s."""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--device", "cpu", "--repeats", "2",
                         "--cases", "block480", "--skip", "diffusers,fp8,micro,fp32", "--budget", NO_BUDGET_LIMIT,
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["aoti_loads"] is True, r.stdout[-2000:]
+    # The pre-flight probe (bench/aoti_probe.py --forms user-managed, in its own process) ran a package.
+    probe = next(line for line in r.stdout.splitlines() if "AOTInductor load probe" in line)
+    assert "cpu mlp form=user-managed" in probe and " ok " in probe and "after ran rel" in probe, probe
     variants = results["cases"]["block480"]["variants"]
     failed = {v: x["error"] for v, x in variants.items() if "error" in x}
     assert not failed, failed

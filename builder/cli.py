@@ -96,7 +96,8 @@ def plan(
     from runtime.config import MAX_BATCH, get_preset
     from runtime.precision import PRECISIONS
 
-    from .planning.costs import best_fit, costs, custom_gpu, find_gpu, gpu_report, serving_memory, standard_sizes
+    from .planning.costs import (best_fit, build_memory_report, costs, custom_gpu, find_gpu, gpu_report,
+                                 serving_memory, standard_sizes)
     from .planning.plan import plan as make_plan
     from .planning.plan import weight_bytes
 
@@ -123,6 +124,7 @@ def plan(
         lines.append(f"engines        each loaded TensorRT or ONNX Runtime engine holds its own {per_engine:.1f} GB copy "
                      "of an expert's weights (on top of the above); AOTInductor, inductor and eager share the model's; "
                      "from_pretrained(max_loaded_engines=N) caps the copies (default 2)")
+        lines += build_memory_report(config, p.shape, precision)
         if gpu is None and gpu_memory is None:
             return lines
         if gpu is not None and gpu_memory is not None:

@@ -75,7 +75,6 @@ class TensorRTOptions:
     weight_streaming: bool = False
     weight_streaming_budget_gb: float | None = None  # weights kept on the GPU when streaming; None: TensorRT's automatic
     cuda_graphs: bool = False  # capture execute_async_v3 into a CUDA graph at first use
-    low_memory: bool = False  # free the build's torch weights on the GPU while TensorRT builds
 
 
 @dataclass(frozen=True)
@@ -301,7 +300,7 @@ def _config(ctx: _Ctx, node: yaml.Node, experts: tuple[Expert, ...], preset: str
 def _tensorrt(ctx: _Ctx, node: yaml.Node) -> TensorRTOptions:
     f = ctx.mapping(node, "tensorrt", ("workspace_gb", "optimization_level", "timing_cache",
                                        "hardware_compatibility", "strip_weights", "weight_streaming",
-                                       "weight_streaming_budget_gb", "cuda_graphs", "low_memory"))
+                                       "weight_streaming_budget_gb", "cuda_graphs"))
     kw: dict[str, Any] = {}
     if "workspace_gb" in f:
         kw["workspace_gb"] = ctx.scalar(f["workspace_gb"][1], "tensorrt.workspace_gb", float,
@@ -314,7 +313,7 @@ def _tensorrt(ctx: _Ctx, node: yaml.Node) -> TensorRTOptions:
     if "hardware_compatibility" in f:
         kw["hardware_compatibility"] = ctx.choice(f["hardware_compatibility"][1], "tensorrt.hardware_compatibility",
                                                   HARDWARE_COMPATIBILITY)
-    for flag in ("strip_weights", "weight_streaming", "cuda_graphs", "low_memory"):
+    for flag in ("strip_weights", "weight_streaming", "cuda_graphs"):
         if flag in f:
             kw[flag] = ctx.scalar(f[flag][1], f"tensorrt.{flag}", bool)
     if "weight_streaming_budget_gb" in f and not _is_null(f["weight_streaming_budget_gb"][1]):

@@ -415,7 +415,7 @@ def test_at_most_max_loaded_engines_stay_loaded(tmp_path, monkeypatch):
     assert sorted(k[0] for k in engines._loaded) == [entries[0].id, entries[2].id]
 
 
-def test_low_memory_frees_the_torch_weights_before_tensorrt_builds(tmp_path, monkeypatch):
+def test_the_torch_weights_are_freed_before_tensorrt_builds(tmp_path, monkeypatch):
     from builder.build import build
     from builder.init_weights import init_weights
     from builder.profiles import load_profile
@@ -450,7 +450,7 @@ def test_low_memory_frees_the_torch_weights_before_tensorrt_builds(tmp_path, mon
     init_weights(CONFIG, tmp_path / "w", seed=2)
     (tmp_path / "p.yaml").write_text("name: t\nmodel: {weights: w}\nprecision: fp32\nbackends: [tensorrt]\n"
                                      "shapes:\n  - {frames: 5, height: 32, width: 48}\n"
-                                     "tensorrt: {strip_weights: true, low_memory: true}\n")
+                                     "tensorrt: {strip_weights: true}\n")
     report = build(load_profile(tmp_path / "p.yaml"), tmp_path / "out", echo=lambda s: None)
     assert [r.status for r in report.results] == ["built"], report.table()
     assert seen["released before the plan"] == ["weights"]

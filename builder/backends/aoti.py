@@ -49,6 +49,7 @@ class AOTIBuilder(BuilderBackend):
 
     def build(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         model, inputs = job.model, job.inputs
+        job.echo("eager reference")
         with torch.no_grad():
             unquantized = model(*inputs)
         reference = unquantized
@@ -60,6 +61,7 @@ class AOTIBuilder(BuilderBackend):
         constants = model.constants()
         job.echo("compiling with AOTInductor (minutes for a 14B model)")
         data = compile_aoti(model, inputs, job.folder)
+        job.echo("parity (loading the package)")
         engine = AOTIEngine(job.draft, job.device, load_package(data, job.device), constants)
         return engine(*inputs), reference
 

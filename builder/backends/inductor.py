@@ -61,6 +61,7 @@ class InductorBuilder(BuilderBackend):
 
     def build(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         model, inputs = job.model, job.inputs
+        job.echo("eager reference")
         with torch.no_grad():
             reference = model(*inputs)
         form = available_form()
@@ -68,5 +69,6 @@ class InductorBuilder(BuilderBackend):
         job.folder.mkdir(parents=True, exist_ok=True)
         data = compile_block(model, inputs, form)
         write_atomic(job.folder / INDUCTOR_FILE, data)
+        job.echo("parity (loading the artifact)")
         engine = InductorEngine(job.draft, job.device, model, form, data)
         return engine(*inputs), reference

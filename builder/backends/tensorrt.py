@@ -19,6 +19,7 @@ parts that need no TensorRT (cache locking and merging, option mapping) are test
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -158,7 +159,12 @@ def build_plan(onnx_path: Path, plan_path: Path, options: TensorRTOptions, cache
 
     after = bytes(config.get_timing_cache().serialize())
     merge_cache(cache_file, after, combine)
-    write_atomic(plan_path, bytes(plan))
+    # The parser owns the parsed weights (one host copy) until it goes; the plan is another. Drop the
+    # parser and network first, and write the plan from TensorRT's buffer without copying it again.
+    del parser, network
+    gc.collect()
+    write_atomic(plan_path, memoryview(plan))
+    del plan
 
     info = BuildInfo(trt.__version__, typed, options.optimization_level, workspace, options.hardware_compatibility,
                      options.strip_weights, options.weight_streaming, str(cache_file), len(before), len(after),
@@ -171,7 +177,7 @@ def build_plan(onnx_path: Path, plan_path: Path, options: TensorRTOptions, cache
 # -- the entry ------------------------------------------------------------------------------------
 FP8_CALIBRATION_BATCHES = 4  # fixed-seed calibration inputs at the entry's shape
 # Options that change how a plan is loaded or built, not the plan: not part of an entry's identity.
-RUNTIME_ONLY = ("timing_cache", "cuda_graphs", "weight_streaming_budget_gb", "low_memory")
+RUNTIME_ONLY = ("timing_cache", "cuda_graphs", "weight_streaming_budget_gb")
 
 
 def prepare_tensorrt_onnx(job: Job) -> tuple[Path, torch.Tensor]:
@@ -182,7 +188,8 @@ def prepare_tensorrt_onnx(job: Job) -> tuple[Path, torch.Tensor]:
     entry, model, inputs, folder, record = job.entry, job.model, job.inputs, job.folder, job.record
     config = job.profile.config
     constants = model.constants()
-    path = export_onnx(config, entry.shape, constants, model.dtype, folder, job.profile.onnx_opset)
+    job.echo("eager reference")
+    path = export_onnx(config, entry.shape, constants, model.dtype, folder, job.profile.onnx_opset, job.echo)
     seeds = range(PARITY_SEED + 1, PARITY_SEED + 1 + FP8_CALIBRATION_BATCHES)
     calibration_inputs = (model.example_inputs(seed=s, dtype=model.dtype) for s in seeds)
     build = record.setdefault("build", {})
@@ -262,15 +269,19 @@ class TensorRTBuilder(BuilderBackend):
             raise TensorRTBuildError(problem)
         constants = job.model.constants()
         path, reference = prepare_tensorrt_onnx(job)
-        if job.profile.tensorrt.low_memory:  # TensorRT builds from the ONNX: the torch copy can go meanwhile
-            constants = {n: constants[n] for n in TABLE_INPUTS}
-            job.release_weights()
+        # TensorRT builds from the ONNX file: the torch copy of the weights (host and GPU) and the
+        # checkpoint's mapping go first; the parity run needs the shape tables only.
+        constants = {n: constants[n] for n in TABLE_INPUTS}
+        job.release_weights()
         gpu = device_info(job.device)
+        job.echo("building the TensorRT plan (minutes to tens of minutes for a 14B model; TensorRT's progress "
+                 "goes to build.log)")
         info = build_plan(path, job.folder / PLAN_FILE, job.profile.tensorrt, timing_cache_dir(), gpu["name"],
                           gpu["compute_capability"], job.entry.precision)
         job.record["build"]["tensorrt"] = asdict(info)
         job.record["versions"] = {"tensorrt": info.tensorrt}
         plan = (job.folder / PLAN_FILE).read_bytes()
+        job.echo("parity (loading the plan)")
         engine = TensorRTEngine(job.draft, job.folder / PLAN_FILE, plan, job.device, constants,
                                 built_with=info.tensorrt, built_for=gpu["compute_capability"],
                                 options=self.options(job.profile))

@@ -20,6 +20,7 @@ weights, manifest), the backend's `build` (`builder.backends`: export, compile, 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import torch
 
 from runtime.backends import input_infos
 from runtime.errors import WanBuildError
-from runtime.integrity import sha256_file, weights_fingerprint
+from runtime.integrity import file_key, sha256_file, weights_fingerprint
 from runtime.manifest import (ENTRY_FILE, PARITY_FILE, Entry, EngineError, ExpertRecord, FileInfo, Manifest,
                               ParityInfo, device_info, tool_versions)
 from runtime.precision import Precision
@@ -147,6 +148,7 @@ def build(profile: Profile, out: Path | None = None, *, allow_mismatch: bool = F
             manifest.experts[expert.name] = ExpertRecord(
                 str(Path(expert.weights).resolve()), fingerprints[expert.name], ckpt.layout,
                 {**profile.config.to_diffusers(), "name": profile.config.name})
+        del ckpt  # `checkpoints` holds them: released phases drop the mapping from there alone
         manifest.boundary = profile.boundary
         write_manifest(out, manifest)
 
@@ -166,23 +168,38 @@ def build(profile: Profile, out: Path | None = None, *, allow_mismatch: bool = F
                 calls_for(calls, entry.expert.name, entry.shape, entry.label())
         loaded: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
 
+        identities = {name: [file_key(f) for f in c.files] for name, c in checkpoints.items()}
+
         def tensors_for(entry: PlannedEntry) -> dict[str, torch.Tensor]:
             """The expert's weights in the entry's dtype on the build device, made once per expert and
-            dtype (on a GPU each is a full host-to-device copy); one expert's are kept at a time."""
-            key = (entry.expert.name, Precision(entry.precision).dtype)
+            dtype (on a GPU each is a full host-to-device copy); one expert's are kept at a time. A
+            checkpoint released by a phase that needed the memory is mapped again, if unchanged."""
+            name = entry.expert.name
+            key = (name, Precision(entry.precision).dtype)
             if key not in loaded:
-                if any(name != key[0] for name, _ in loaded):
+                if any(other != name for other, _ in loaded):
                     loaded.clear()
-                loaded[key] = materialize(checkpoints[key[0]].tensors, parameter_shapes(profile.config), key[1],
+                if name not in checkpoints:
+                    checkpoints[name] = load_checkpoint(entry.expert.weights, preset=profile.config)
+                    if [file_key(f) for f in checkpoints[name].files] != identities[name]:
+                        raise BuildFailed(f"the {name} weights at {entry.expert.weights} changed during the build; "
+                                          "run the build again")
+                loaded[key] = materialize(checkpoints[name].tensors, parameter_shapes(profile.config), key[1],
                                           device)
             return loaded[key]
+
+        def release() -> None:
+            """Drop every copy and mapping of the weights the build holds (the next entry maps them again)."""
+            loaded.clear()
+            checkpoints.clear()
 
         progress = _Progress(len(planned), echo)
         for i, entry in enumerate(planned, 1):
             prefix = f"[{i}/{len(planned)}] {entry.label()}"
             result = _build_one(entry, tensors_for, profile, out, manifest, device, allow_mismatch, echo, prefix,
-                                loaded.clear)
+                                release)
             if result.status in ("built", "rebuilt"):
+                echo(f"{prefix}: writing the manifest")
                 try:
                     write_manifest(out, manifest)
                 except FolderError as e:  # the entry is in place but unrecorded: take it out again
@@ -215,7 +232,10 @@ def _build_one(entry: PlannedEntry, tensors_for: Callable[[PlannedEntry], dict[s
     reason = builder(entry.backend).unavailable(Precision(entry.precision), device)
     if reason:
         return EntryResult(entry, "skipped", 0.0, None, reason)
-    echo(f"{prefix}: building")
+    warning = memory_warning(entry, profile, device)
+    if warning:
+        echo(f"{prefix}: warning: {warning}")
+    echo(f"{prefix}: loading the weights")
     tmp = out / f".partial-{entry.id}-{os.getpid()}"
     try:
         record = build_files(entry, tensors_for(entry), profile, tmp, out / WEIGHTS_STORE, device, allow_mismatch,
@@ -235,6 +255,32 @@ def _build_one(entry: PlannedEntry, tensors_for: Callable[[PlannedEntry], dict[s
                        "PARITY FAILED, kept by --allow-mismatch" if record.allow_mismatch else "")
 
 
+def memory_warning(entry: PlannedEntry, profile: Profile, device: torch.device) -> str | None:
+    """A warning when this machine has less memory free than the planner says the entry's build needs
+    (beyond what this process already holds); None when it has enough or cannot tell."""
+    from ..planning.costs import available_host_bytes, build_memory
+
+    available = available_host_bytes()
+    if available is None:
+        return None
+    need = build_memory(profile.config, entry.shape, entry.precision, entry.backend, device.type,
+                        strip_weights=profile.tensorrt.strip_weights)["host"].total
+    held = _resident_bytes()
+    if need - held <= available:
+        return None
+    return (f"the build needs about {need / 1e9:.1f} GB of host RAM (the planner's figure) and this machine "
+            f"has {(available + held) / 1e9:.1f} GB for it; it may run out of memory (free memory, build "
+            "fewer entries at a time, or build on a larger machine)")
+
+
+def _resident_bytes() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def build_files(entry: PlannedEntry, tensors: dict[str, torch.Tensor], profile: Profile, folder: Path, store: Path,
                 device: torch.device, allow_mismatch: bool, stage: Echo = lambda s: None,
                 start: float | None = None, release: Callable[[], None] = lambda: None) -> Entry:
@@ -252,16 +298,19 @@ def build_files(entry: PlannedEntry, tensors: dict[str, torch.Tensor], profile: 
                   device_info(device), entry.identity["weights"], ParityInfo(math.nan, math.nan, math.nan, math.nan),
                   onnx_opset=entry.identity.get("onnx_opset"), options=backend.options(profile))
     def release_weights() -> None:
-        release()  # the build's cached copy of this expert's weights
-        model.to("meta")  # and the model's references to them
+        """For phases that need no torch weights (an ONNX Runtime session, a TensorRT build): the build's
+        copies and mappings go, and the model's references to them; the caller keeps what it needs."""
+        release()
+        tensors.clear()  # this entry's reference to them
+        model.to("meta")
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     job = Job(entry, model, inputs, profile, folder, store, device, draft, stage, release_weights=release_weights)
-    stage(f"building the {entry.backend} engine")
     out, reference = backend.build(job)
     parity = gate(out, reference, entry.precision)
-    stage(f"parity {parity.describe()}")
+    stage(f"parity {parity.describe()}; writing the entry")
     if not parity.passed and not allow_mismatch:
         raise BuildFailed(f"parity failed for {entry.label()}: {parity.describe()}; "
                           "the engine was not written (--allow-mismatch keeps it, marked in the manifest)")

@@ -22,11 +22,12 @@ The weights file is then stored once per content (`builder.build.folder.share_we
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -59,12 +60,13 @@ def onnx_input_names(model: StaticWanTransformer) -> list[str]:
 
 
 def export_onnx(config: WanConfig, shape: StaticShape, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                folder: Path, opset: int = 23) -> Path:
+                folder: Path, opset: int = 23, stage: Callable[[str], None] = lambda s: None) -> Path:
     """Write `folder/model.onnx` (+ `model.onnx.data`, the weights) for `config` at `shape`.
 
     `tensors` are the model's parameters and shape tables (name -> tensor) in their final dtypes.
-    Inputs: the static model's, then the tables (`TABLE_INPUTS`).
+    Inputs: the static model's, then the tables (`TABLE_INPUTS`). `stage` hears the phases.
     """
+    stage("exporting to ONNX (traced on the meta device)")
     with torch.device("meta"):
         meta = StaticWanTransformer(config, shape).eval()
     for name in TABLE_INPUTS:
@@ -79,10 +81,28 @@ def export_onnx(config: WanConfig, shape: StaticShape, tensors: Mapping[str, tor
                                     output_names=list(meta.output_names))
         program.apply_weights(weights)
         program.optimize()
+        _forget_rewriter_state()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ONNX_FILE
+    stage("writing the ONNX file")
     program.save(str(path), external_data=True)
     return path
+
+
+def _forget_rewriter_state() -> None:
+    """onnxscript's rewrite rules are module-level objects whose matchers keep the last graph they
+    matched (`_graph`, `_match`, `_current_node`) after the optimizer returns: the whole exported
+    graph, and with it every weight, stays alive for the rest of the build (1.0x the weights, measured
+    by bench/build_memory.py). Clear that state so the graph goes when the program does."""
+    try:
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to clear
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, PatternMatcher):
+            for name in ("_graph", "_match", "_current_node", "_tracer"):
+                if name in vars(obj):
+                    setattr(obj, name, None)
 
 
 @contextlib.contextmanager

@@ -97,8 +97,8 @@ def folder_lock(folder: Path, echo: Echo) -> Iterator[None]:
 
 
 # -- atomic writes ----------------------------------------------------------------------------------
-def write_atomic(path: Path, data: bytes) -> None:
-    """`path` gets exactly `data` or stays as it was; no temp file is left either way."""
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
+    """`path` gets exactly `data` (any buffer) or stays as it was; no temp file is left either way."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)

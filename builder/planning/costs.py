@@ -154,23 +154,74 @@ def serving_memory(config: WanConfig, shape: StaticShape, precision: str, *, exp
     return est
 
 
-def build_memory(config: WanConfig, shape: StaticShape, precision: str, backend: str) -> dict[str, MemoryEstimate]:
-    """Host and GPU memory a build needs (one expert, one entry at a time). Estimates for TensorRT:
-    the parser holds the weights on the host, the builder needs them on the GPU plus activations and
-    its tactic workspace; the export before it holds one host copy (weights memory-mapped or cast)."""
+# Host RAM of an entry's build beyond one copy of the expert's weights: measured by
+# bench/build_memory.py (a fresh process per build, peak RSS per phase, on the CPU; Wan2.1-1.3B's
+# structure): python, torch and onnx take 0.23 GB, the export or compile machinery and the eager
+# reference another 0.21-0.25 GB, the same with 2 blocks (0.47 GB of fp32 weights) and 6 (1.22 GB):
+# a constant, not a share of the weights. The ONNX Runtime parity session maps the written weights
+# file after the torch copy is released, so no phase holds two copies.
+BUILD_PROCESS_GB = 0.5
+
+def build_memory(config: WanConfig, shape: StaticShape, precision: str, backend: str,
+                 device: str = "cuda", strip_weights: bool = True) -> dict[str, MemoryEstimate]:
+    """Host and GPU memory to build one entry (the build holds one expert's weights, one entry at a
+    time). The CPU backends' host figures are measured (BUILD_PROCESS_GB); TensorRT's are estimates
+    from how its builder works: the torch copy is released before it builds, then its ONNX parser
+    holds a copy of the weights and the serialized plan another (a small one with strip_weights, the
+    profiles' default). A build on the CPU also holds the eager reference's activations on the host."""
     w = weight_bytes(config, precision)
     acts = sum(t.bytes for t in activation_bytes(config, shape, precision))
     host, gpu = MemoryEstimate(), MemoryEstimate()
-    host.terms.append(Term("weights for export (one copy)", w, "memory-mapped when the dtype matches"))
+    host.terms.append(Term("process, export and compile machinery", BUILD_PROCESS_GB * GB, "measured"))
     if backend == "tensorrt":
-        host.terms.append(Term("TensorRT parser copy of the weights", w, "estimate"))
+        # The export holds the torch copy and its working set (as ONNX Runtime's); then the torch copy
+        # goes and TensorRT's parser holds one of its own, the serialized plan besides it.
+        host.terms.append(Term("weights (the export's, then TensorRT's parser's)", w,
+                               "estimate; the torch copy is released before TensorRT builds"))
+        host.terms.append(Term("serialized plan", 0.01 * w if strip_weights else w,
+                               "estimate" + ("; weight-stripped" if strip_weights else "")))
         gpu.terms.append(Term("weights", w, "estimate"))
         gpu.terms.append(Term("activations + tactic workspace", 2 * acts, "estimate: twice the eager peak"))
     else:
-        gpu.terms.append(Term("weights", w))
-        gpu.terms.append(Term("activations (parity run and compile)", acts))
-    gpu.terms.append(Term("CUDA context and allocator slack", CUDA_CONTEXT_GB * GB))
+        host.terms.append(Term("weights (one copy)", w, "memory-mapped when the checkpoint's dtype matches"))
+        if device == "cuda":
+            gpu.terms.append(Term("weights", w))
+            gpu.terms.append(Term("activations (parity run and compile)", acts))
+    if device == "cpu" and backend == "onnxruntime" and precision in ("fp16", "bf16"):
+        # Measured: a session of 0.61 GB of fp16 weights peaks at 1.37-1.46 GB at any optimization level.
+        host.terms.append(Term("ONNX Runtime's fp32 copy of the weights", 2 * w,
+                               "measured; its CPU provider has no 16-bit matmul on x86 and converts them"))
+    if device == "cpu":
+        host.terms.append(Term("activations (eager reference)", acts, "on the host when building on the CPU"))
+    elif gpu.terms:
+        gpu.terms.append(Term("CUDA context and allocator slack", CUDA_CONTEXT_GB * GB))
     return {"host": host, "gpu": gpu}
+
+
+def build_memory_report(config: WanConfig, shape: StaticShape, precision: str) -> list[str]:
+    """Host RAM to build one entry of `shape`, per backend (one expert's weights at a time)."""
+    cells = []
+    for backend in ("onnxruntime", "aoti", "inductor"):
+        cells.append(f"{backend} {build_memory(config, shape, precision, backend)['host'].total / GB:.1f} GB")
+    stripped = build_memory(config, shape, precision, "tensorrt")["host"].total / GB
+    full = build_memory(config, shape, precision, "tensorrt", strip_weights=False)["host"].total / GB
+    cells.append(f"tensorrt {stripped:.1f} GB (estimate; {full:.1f} GB with strip_weights: false)")
+    cpu = build_memory(config, shape, precision, "onnxruntime", device="cpu")["host"].terms[-1].bytes / GB
+    return [f"host RAM to build one entry of this size in {precision} (one expert at a time; measured for the "
+            "CPU backends, estimated for TensorRT):",
+            "  " + ", ".join(cells),
+            f"  building on the CPU adds the eager reference's activations ({cpu:.1f} GB)"]
+
+
+def available_host_bytes() -> float | None:
+    """Memory this machine can give a new job now (Linux's MemAvailable); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @dataclass(frozen=True)

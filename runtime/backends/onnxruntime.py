@@ -33,12 +33,17 @@ class OnnxRuntimeEngine(Engine):
     """A session over an ONNX file. `entry` gives the call's inputs; inputs of the graph beyond them
     are the shape tables, fed from `constants`."""
 
-    def __init__(self, entry: Entry, path: Path, device: torch.device, constants: Mapping[str, torch.Tensor]):
+    def __init__(self, entry: Entry, path: Path, device: torch.device, constants: Mapping[str, torch.Tensor],
+                 prepack: bool = True):
+        """`prepack=False` keeps ONNX Runtime from repacking the weights into a second copy (slower
+        matmuls, one copy less: what the build's parity session uses)."""
         import onnxruntime as ort
 
         super().__init__(entry, device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         if self.device.type == "cuda":
             problem = cuda_provider_problem()
             if problem:

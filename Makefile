@@ -7,7 +7,8 @@ TORCH  ?= torch==2.13.0
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-PYTEST_ARGS ?=
+# The suite runs its test files on every core (pytest-xdist); PYTEST_ARGS=-n0 runs it in one process.
+PYTEST_ARGS ?= -n auto --dist loadfile
 
 .PHONY: venv test demo bench clean
 

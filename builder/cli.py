@@ -199,6 +199,55 @@ def presets() -> None:
                    f"{kind}{parameter_count(c):,} parameters")
 
 
+lora_app = typer.Typer(help="LoRA files: what one holds and fits, and merging them into a checkpoint.",
+                       no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(lora_app, name="lora")
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """FILE or FILE:STRENGTH."""
+    path, _, tail = text.rpartition(":")
+    if path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+@lora_app.command("inspect")
+def lora_inspect(
+    file: Annotated[Path, typer.Argument(help="A LoRA .safetensors file (diffusers/PEFT, original Wan or musubi).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Layout, rank, alpha, targeted layers, and which presets the LoRA fits.
+
+    Example: wan-build lora inspect lightx2v_distill_rank64.safetensors
+    """
+    from .lora_tools import describe_inspection, inspect_lora
+
+    info = _run(lambda: inspect_lora(file))
+    typer.echo(json.dumps(info, indent=2) if as_json else "\n".join(describe_inspection(info)))
+
+
+@lora_app.command("merge")
+def lora_merge(
+    weights: Annotated[Path, typer.Argument(help="The checkpoint: a transformer folder or a .safetensors file.")],
+    lora: Annotated[list[str], typer.Option("--lora", help="FILE or FILE:STRENGTH; repeat for several.")],
+    out: Annotated[Path, typer.Option(help="Folder for the merged transformer (diffusers layout).")],
+    subfolder: Annotated[str | None, typer.Option(help="transformer or transformer_2 of a pipeline folder.")] = None,
+) -> None:
+    """Merge LoRAs into a checkpoint, for tools that cannot merge them (and for engines whose numbers
+    depend on the weights, such as calibrated FP8).
+
+    Example: wan-build lora merge ckpt/transformer --lora style.safetensors:0.8 --out merged/transformer
+    """
+    from .lora_tools import merge_loras_into
+
+    folder = _run(lambda: merge_loras_into(weights, [_lora_arg(x) for x in lora], out, subfolder, echo=typer.echo))
+    typer.echo(f"wrote {folder}")
+
+
 @app.command("init-weights")
 def init_weights(
     preset: Annotated[str, typer.Argument(help="Model preset, e.g. tiny-i2v-a14b.")],

@@ -85,6 +85,8 @@ class WanTransformer(nn.Module):
         self._warned_attention_kwargs = False
         self._warned_nonfinite = False
         self._fp8 = False
+        self._loras: list = []  # [(LoraFile, strength)], merged into the parameters
+        self._lora_base: dict[str, torch.Tensor] = {}  # the base tensors of the parameters LoRAs changed
         self.engines: EngineSet | None = None
         if tensors is None:
             add_parameters(self, config)
@@ -103,7 +105,8 @@ class WanTransformer(nn.Module):
                         strict: bool = False, backends: list[str] | None = None, full_check: bool = False,
                         trusted: str | None = None, allow_mismatch: bool = False,
                         engine_options: dict[str, dict] | None = None, max_loaded_engines: int | None = 2,
-                        max_cached_shapes: int = 4, compile: bool = False) -> "WanTransformer":
+                        max_cached_shapes: int = 4, compile: bool = False,
+                        loras: list | None = None) -> "WanTransformer":
         """Load a diffusers or original-layout checkpoint (see `runtime.weights`), memory-mapped.
 
         `torch_dtype` follows diffusers: the time embedder, modulation tables and affine norms stay
@@ -125,6 +128,8 @@ class WanTransformer(nn.Module):
 
         `compile=True`: calls that no engine serves run their static model compiled with
         torch.compile, regionally (`runtime.compiled`); a compile failure falls back to eager.
+
+        `loras=[(path, strength), ...]` merges LoRA files at load (see `set_loras`).
         """
         if isinstance(preset, str):
             preset = get_preset(preset)
@@ -135,6 +140,8 @@ class WanTransformer(nn.Module):
         tensors = materialize(checkpoint.tensors, shapes, torch_dtype, device)
         model = cls(checkpoint.config, tensors, max_cached_shapes=max_cached_shapes, compile=compile)
         model.requires_grad_(False)
+        if loras:
+            model.set_loras(loras)
         if quantize is not None:
             if quantize != "fp8" or model.dtype != torch.bfloat16:
                 raise InputError(f"quantize={quantize!r} with torch_dtype={model.dtype} is not supported; "
@@ -155,14 +162,55 @@ class WanTransformer(nn.Module):
         self._drop_built()  # static models built on the bf16 layers are stale now
         return names
 
+    def set_loras(self, loras: list) -> None:
+        """Make `loras` (`[(path or LoraFile, strength), ...]`, a bare path meaning strength 1.0) the
+        active set, in place; `[]` restores the base weights. Merges always start from the base
+        tensors (kept for the parameters LoRAs touch, one copy of those alone), so A -> B -> A gives A's
+        weights exactly; nothing is re-read from the checkpoint. Every file and key is checked before
+        any weight changes: on an error the model keeps its current weights.
+
+        Engines serve the weights they were built with: while LoRAs are active, calls run the eager
+        (or compiled) static model, and `last_route` says so."""
+        from .lora import LoraFile, merged_tensors, plan_updates, read_loras
+
+        if self._fp8:
+            raise InputError("set_loras on an FP8-quantized model is not supported yet: merge the LoRAs first "
+                             "(from_pretrained(..., loras=[...], quantize='fp8') merges before quantizing)")
+        files = [item if isinstance(item[0], LoraFile) else read_loras([item])[0]
+                 for item in ((x, 1.0) if isinstance(x, (str, Path, LoraFile)) else tuple(x) for x in loras)]
+        params = dict(self.named_parameters())
+        base = {name: self._lora_base.get(name, p.data) for name, p in params.items()}
+        plan = plan_updates(files, self.wan_config, base)
+        merged = merged_tensors(base, plan)
+        with torch.no_grad():
+            for name in list(self._lora_base):
+                if name not in merged:  # no longer touched: back to the base tensor itself
+                    params[name].data = self._lora_base.pop(name)
+            for name, tensor in merged.items():
+                self._lora_base.setdefault(name, params[name].data)
+                params[name].data = tensor
+        self._loras = [(f, float(s)) for f, s in files]
+        self._drop_built()
+
+    @property
+    def loras(self) -> list[tuple[str, float]]:
+        """The active LoRAs: (file, strength)."""
+        return [(str(f.path), s) for f, s in self._loras]
+
+    def _lora_note(self) -> str:
+        return "LoRAs " + ", ".join(f"{f.path.name} x{s:g}" for f, s in self._loras) if self._loras else ""
+
     def _apply(self, fn, recurse=True):
         # Moving or casting replaces the parameter tensors; static models built on the old ones go.
         # A cast to 16 bits keeps diffusers' precision policy: the float32-kept tensors stay float32.
         self._drop_built()
         out = super()._apply(fn, recurse)
-        for name, p in self.named_parameters():
+        params = dict(self.named_parameters())
+        for name, p in params.items():
             if p.dtype in (torch.float16, torch.bfloat16) and parameter_dtype(name, p.dtype) == torch.float32:
                 p.data = p.data.float()
+        # The kept base tensors of LoRA-merged parameters follow the parameters' device and dtype.
+        self._lora_base = {name: fn(t).to(params[name].dtype) for name, t in self._lora_base.items()}
         return out
 
     def _drop_built(self) -> None:
@@ -221,14 +269,16 @@ class WanTransformer(nn.Module):
 
     def run(self, shape: StaticShape, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Serve prepared inputs: the engine built for `shape`, else the eager static model."""
-        if self.engines is not None:
+        if self.engines is not None and self._loras:
+            reason = f"{self._lora_note()} active: engines serve the weights they were built with"
+        elif self.engines is not None:
             engine, entry, reason = self.engines.route(shape, self.precision, self.device,
                                                        lambda: self._eager_model(shape)[0])
             if engine is not None:
                 self.last_route = Route(entry.backend, shape, reason)
                 return engine(*inputs)
         else:
-            reason = "no engine folder given"
+            reason = "no engine folder given" + (f"; {self._lora_note()}" if self._loras else "")
         model, how = self._eager_model(shape)
         if self.compile_blocks and shape not in self._compile_failed:
             try:

@@ -53,6 +53,20 @@ class WanExpertRouter(nn.Module):
         free, total = torch.cuda.mem_get_info(device)
         return free < total / 4
 
+    def set_loras(self, high_noise: list | None = None, low_noise: list | None = None) -> None:
+        """Each expert's active LoRAs (Wan2.2 LoRAs come as high/low-noise pairs); None leaves an
+        expert as it is, [] restores its base weights. Both sets are checked before either changes."""
+        from .lora import plan_updates, read_loras
+
+        for name, loras in (("high_noise", high_noise), ("low_noise", low_noise)):
+            if loras is not None:
+                expert = getattr(self, name)
+                plan_updates(read_loras(loras), expert.wan_config, dict(expert.named_parameters()))
+        if high_noise is not None:
+            self.high_noise.set_loras(high_noise)
+        if low_noise is not None:
+            self.low_noise.set_loras(low_noise)
+
     def forward(self, hidden_states: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_image: torch.Tensor | None = None, return_dict: bool = True,
                 attention_kwargs: dict[str, Any] | None = None):
@@ -69,22 +83,33 @@ class WanExpertRouter(nn.Module):
 
 
 def load_engines(folder: str | Path, torch_dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                 trusted: str | None = None, **kwargs: Any) -> WanTransformer | WanExpertRouter:
+                 trusted: str | None = None, loras: list | dict[str, list] | None = None,
+                 **kwargs: Any) -> WanTransformer | WanExpertRouter:
     """Open an engine folder with the weights its manifest names: one front, or a router over two.
 
     `trusted="sha256:..."` pins the manifest (`wan-build verify FOLDER --print-digest`): a folder whose
-    manifest is not that one raises before anything it names is read. Other keywords go to
+    manifest is not that one raises before anything it names is read. `loras`: `[(path, strength), ...]`
+    for a one-expert model, `{"high_noise": [...], "low_noise": [...]}` for two. Other keywords go to
     `WanTransformer.from_pretrained`."""
     manifest = read_manifest(Path(folder), trusted)
     experts = manifest.experts
+    two = "high_noise" in experts or "low_noise" in experts
+    if isinstance(loras, dict):
+        unknown = set(loras) - set(experts)
+        if unknown or not two:
+            raise InputError(f"loras names {', '.join(sorted(unknown or loras))}; this folder's experts are "
+                             f"{', '.join(experts)}" + ("" if two else " (give a plain list for a one-expert model)"))
+    elif loras and two:
+        raise InputError("loras for a two-expert model is a dict: {'high_noise': [...], 'low_noise': [...]}")
 
     def front(name: str) -> WanTransformer:
         if name not in experts:
             raise EngineError(f"{folder}: the manifest has no {name} expert (it has {', '.join(experts) or 'none'})")
+        mine = loras.get(name) if isinstance(loras, dict) else loras
         return WanTransformer.from_pretrained(experts[name].weights, torch_dtype, device=device, engines=folder,
-                                              trusted=trusted, **kwargs)
+                                              trusted=trusted, loras=mine, **kwargs)
 
-    if "high_noise" in experts or "low_noise" in experts:
+    if two:
         if manifest.boundary is None:
             raise EngineError(f"{folder}: the manifest has two experts but no boundary")
         return WanExpertRouter(front("high_noise"), front("low_noise"), manifest.boundary)

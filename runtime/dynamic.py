@@ -176,8 +176,11 @@ class WanTransformer(nn.Module):
         if self._fp8:
             raise InputError("set_loras on an FP8-quantized model is not supported yet: merge the LoRAs first "
                              "(from_pretrained(..., loras=[...], quantize='fp8') merges before quantizing)")
-        files = [item if isinstance(item[0], LoraFile) else read_loras([item])[0]
-                 for item in ((x, 1.0) if isinstance(x, (str, Path, LoraFile)) else tuple(x) for x in loras)]
+        if isinstance(loras, (str, Path, LoraFile)):
+            raise InputError("set_loras takes a list: [(path, strength), ...]; [] restores the base weights")
+        files = [(x, 1.0) if isinstance(x, LoraFile) else
+                 (x[0], x[1]) if isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[0], LoraFile)
+                 else read_loras([x])[0] for x in loras]
         params = dict(self.named_parameters())
         base = {name: self._lora_base.get(name, p.data) for name, p in params.items()}
         plan = plan_updates(files, self.wan_config, base)

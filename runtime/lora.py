@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .config import WanConfig
-from .errors import WeightsError
+from .errors import InputError, WeightsError
 from .weights import PICKLE_SUFFIXES, original_to_diffusers_name, read_safetensors
 
 log = logging.getLogger("wan_build.lora")
@@ -245,8 +245,15 @@ def merged_tensors(base: Mapping[str, torch.Tensor], plan: Mapping[str, list]) -
 def read_loras(loras: Sequence[tuple[str | Path, float]] | None) -> list[tuple[LoraFile, float]]:
     """`[(path, strength), ...]` (a bare path means strength 1.0) -> files read and strengths checked."""
     out = []
+    if isinstance(loras, (str, Path)):
+        raise InputError(f"loras={str(loras)!r} must be a list: [(path, strength), ...]")
     for item in loras or ():
-        path, strength = (item, 1.0) if isinstance(item, (str, Path)) else tuple(item)
+        if isinstance(item, (str, Path)):
+            path, strength = item, 1.0
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (str, Path)):
+            path, strength = item
+        else:
+            raise InputError(f"loras: {item!r} is not a path or a (path, strength) pair")
         lora = read_lora(path)
         out.append((lora, _check_strength(lora.path, strength)))
     return out

@@ -285,3 +285,14 @@ def test_the_lora_commands(checkpoints, tmp_path):
                             str(tmp_path / "m2")])
     assert r.exit_code == 1 and "no such file" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "m2").exists()
+
+
+@pytest.mark.parametrize("arg,message", [("a.safetensors", "set_loras takes a list"),
+                                         ([("a.safetensors", 1.0, 2)], "is not a path or a (path, strength) pair"),
+                                         ([3], "is not a path or a (path, strength) pair")])
+def test_malformed_lora_lists_are_one_line(checkpoints, arg, message):
+    from runtime.errors import InputError
+
+    model = WanTransformer.from_pretrained(checkpoints["tiny-t2v"])
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        model.set_loras(arg)

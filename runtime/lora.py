@@ -18,6 +18,7 @@ model) are a warning that names them; nothing is merged partially. Pickle files 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -29,7 +30,7 @@ import torch
 
 from .config import WanConfig
 from .errors import InputError, WeightsError
-from .weights import PICKLE_SUFFIXES, original_to_diffusers_name, read_safetensors
+from .weights import PICKLE_SUFFIXES, original_to_diffusers_name, read_safetensors, read_safetensors_metadata
 
 log = logging.getLogger("wan_build.lora")
 
@@ -158,6 +159,8 @@ def read_lora(path: str | Path) -> LoraFile:
             if not value.is_floating_point():
                 raise WeightsError(f"LoRA {path}: {key} is {value.dtype}, not a floating-point tensor")
             setattr(layer, part, value)
+    if layout == "diffusers":
+        _apply_peft_config(path, layers)
     for module, layer in layers.items():
         if (layer.down is None) != (layer.up is None):
             have, lack = ("down", "up") if layer.up is None else ("up", "down")
@@ -168,6 +171,47 @@ def read_lora(path: str | Path) -> LoraFile:
             raise WeightsError(f"LoRA {path}: {module}: up {list(layer.up.shape)} and down {list(layer.down.shape)} "
                                "are not [out, rank] and [rank, in]")
     return LoraFile(path, layout, layers)
+
+
+def _pattern_value(patterns: Mapping[str, object], module: str) -> object | None:
+    """PEFT's per-module override: the pattern that matches the end of the module's name."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return None
+
+
+def _apply_peft_config(path: Path, layers: dict[str, LoraLayer]) -> None:
+    """diffusers writes the adapter's PEFT config into the file (`lora_adapter_metadata`): its
+    `lora_alpha` (with `alpha_pattern` overrides) and `use_rslora` set the scale, as diffusers'
+    loader applies them. Without it the scale is 1 (alpha = rank), as diffusers assumes."""
+    raw = read_safetensors_metadata(path).get("lora_adapter_metadata")
+    if not raw:
+        return
+    try:
+        config = json.loads(raw)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise WeightsError(f"LoRA {path}: its lora_adapter_metadata is not valid JSON ({e})") from None
+    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    alpha, rslora = config.get("lora_alpha"), bool(config.get("use_rslora", False))
+    alphas, ranks = config.get("alpha_pattern") or {}, config.get("rank_pattern") or {}
+    for module, layer in layers.items():
+        if layer.down is None:
+            continue
+        a = _pattern_value(alphas, module) if isinstance(alphas, dict) else None
+        a = alpha if a is None else a
+        r = _pattern_value(ranks, module) if isinstance(ranks, dict) else None
+        r = layer.rank if r is None else r
+        if a is None:
+            continue
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not isinstance(r, int):
+            raise WeightsError(f"LoRA {path}: lora_alpha {a!r} / r {r!r} for {module} in its metadata must be numbers")
+        if r != layer.rank:
+            raise WeightsError(f"LoRA {path}: {module} has rank {layer.rank}, its metadata says r = {r}")
+        # Stored as the alpha that gives PEFT's scale under alpha / rank.
+        layer.alpha = float(a) * (math.sqrt(r) if rslora else 1.0)
 
 
 # -- checking and merging ---------------------------------------------------------------------------

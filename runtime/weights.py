@@ -80,9 +80,8 @@ class Checkpoint:
 
 
 # -- safetensors, memory-mapped -------------------------------------------------------------------
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one safetensors file as views into a private (copy-on-write) memory map."""
-    path = Path(path)
+def _read_header(path: Path) -> tuple[dict, int, int]:
+    """A safetensors file's JSON header, its length and the file's size."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -94,6 +93,19 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    return header, header_len, size
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The free-form `__metadata__` strings of a safetensors file ({} without)."""
+    metadata = _read_header(Path(path))[0].get("__metadata__") or {}
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file as views into a private (copy-on-write) memory map."""
+    path = Path(path)
+    header, header_len, size = _read_header(path)
     header.pop("__metadata__", None)
     base = 8 + header_len
     entries = {}

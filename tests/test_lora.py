@@ -59,11 +59,12 @@ def make_lora(config, path: Path, layout: str, rank: int = 4, seed: int = 0, alp
 
 
 def diffusers_with(folder: Path, loras: list[tuple[Path, float]]):
+    """diffusers' model with the LoRAs as PEFT adapters, loaded as its pipelines' load_lora_weights does."""
     ref = reference_model(folder)
     names = []
     for i, (path, _) in enumerate(loras):
-        state = WanLoraLoaderMixin.lora_state_dict(str(path))
-        ref.load_lora_adapter(state, adapter_name=f"l{i}", prefix="transformer")
+        state, metadata = WanLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
+        ref.load_lora_adapter(state, adapter_name=f"l{i}", prefix="transformer", metadata=metadata)
         names.append(f"l{i}")
     ref.set_adapters(names, weights=[s for _, s in loras])
     return ref
@@ -296,3 +297,28 @@ def test_malformed_lora_lists_are_one_line(checkpoints, arg, message):
     model = WanTransformer.from_pretrained(checkpoints["tiny-t2v"])
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         model.set_loras(arg)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_the_peft_config_diffusers_saves_sets_the_scale(checkpoints, tmp_path, rslora):
+    """diffusers' save_lora_weights writes the adapter's PEFT config (lora_alpha, alpha_pattern,
+    use_rslora) into the file; its loader scales by it, and so do we."""
+    import json
+
+    from safetensors.torch import load_file
+
+    config = get_preset("tiny-t2v")
+    plain = make_lora(config, tmp_path / "plain.safetensors", "diffusers", seed=5)
+    tensors = load_file(str(plain))
+    modules = sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in tensors})
+    peft_config = {"r": 4, "lora_alpha": 8, "alpha_pattern": {"blocks.0.attn1.to_q": 2}, "rank_pattern": {},
+                   "target_modules": modules, "use_rslora": rslora, "lora_dropout": 0.0}
+    path = tmp_path / "meta.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(
+        {f"transformer.{k}": v for k, v in peft_config.items()})})
+    ours = WanTransformer.from_pretrained(checkpoints["tiny-t2v"], loras=[(path, 0.6)])
+    ref = diffusers_with(checkpoints["tiny-t2v"], [(path, 0.6)])
+    no_config = WanTransformer.from_pretrained(checkpoints["tiny-t2v"], loras=[(plain, 0.6)])
+    expected = outputs(ref, config)
+    assert relative_error(outputs(no_config, config), expected) > 1e-3  # the config does change the scale
+    assert relative_error(outputs(ours, config), expected) < 1e-5

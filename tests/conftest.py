@@ -108,3 +108,15 @@ def make_entry(config, shape, backend: str = "aoti", precision: str = "fp32", **
                   weights_fingerprint="0" * 64, parity=ParityInfo(0.0, 0.0, 1.0, 1e-5))
     values.update(fields)
     return Entry(**values)
+
+
+# The longest files first: pytest-xdist hands whole files (--dist loadfile) to workers in collection
+# order, so a long file collected last would run alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_trust.py", "test_engines.py", "test_bench.py", "test_nvfp4.py", "test_tensorrt.py",
+                 "test_lora.py", "test_planning_cli.py", "test_calibration.py", "test_bench_tools.py", "test_cli.py",
+                 "test_tensorrt_review.py", "test_build_memory.py", "test_bad_input.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept

@@ -159,6 +159,8 @@ class WanTransformer(nn.Module):
         """Make the middle blocks' linear layers FP8 in place (see `runtime.fp8`); returns their names."""
         names = quantize_fp8(self, self.wan_config.num_layers, scaling, check_device=check_device)
         self._fp8 = bool(names)
+        if names:  # active LoRAs are baked into the FP8 layers now: their base copies cannot come back
+            self._lora_base.clear()
         self._drop_built()  # static models built on the bf16 layers are stale now
         return names
 

@@ -322,3 +322,20 @@ def test_the_peft_config_diffusers_saves_sets_the_scale(checkpoints, tmp_path, r
     expected = outputs(ref, config)
     assert relative_error(outputs(no_config, config), expected) > 1e-3  # the config does change the scale
     assert relative_error(outputs(ours, config), expected) < 1e-5
+
+
+def test_quantizing_after_a_merge_bakes_the_loras_in(checkpoints, tmp_path):
+    """from_pretrained(loras=..., quantize="fp8") merges, then quantizes the merged weights; the base
+    copies go (the FP8 layers replaced those parameters) and moving the model still works."""
+    config = get_preset("tiny-t2v").replace(num_layers=3)
+    from builder.init_weights import init_weights
+
+    init_weights(config, tmp_path / "w", seed=1)
+    a = make_lora(config, tmp_path / "a.safetensors", "diffusers", seed=1)
+    model = WanTransformer.from_pretrained(tmp_path / "w", torch.bfloat16, loras=[a])
+    assert model._lora_base
+    assert model.quantize_fp8(check_device=False)
+    assert not model._lora_base and model.loras == [(str(a), 1.0)]
+    model.to("cpu")
+    with pytest.raises(Exception, match="FP8-quantized"):
+        model.set_loras([])

@@ -15,6 +15,7 @@ The build, doctor and catalog loop over `registry()`.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +45,7 @@ class Job:
     release_weights: Callable[[], None] = lambda: None  # drop the build's torch copy of the weights (low memory)
 
 
-class BuilderBackend:
+class BuilderBackend(ABC):
     name: str = ""
 
     @property
@@ -63,8 +64,10 @@ class BuilderBackend:
     def calibrates(self, precision: Precision) -> bool:
         return False
 
+    @abstractmethod
     def build(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Write the entry's files into `job.folder`; returns (engine output, eager reference) on
+        `job.inputs` for the parity gate."""
 
     def verify_reference(self, entry: Entry, model: StaticWanTransformer) -> float:
         """Make `model` the eager reference `wan-build verify` compares `entry` with (in place); returns

@@ -18,6 +18,7 @@ works on a machine that has none of them.
 from __future__ import annotations
 
 import importlib.util
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Mapping
 
@@ -48,7 +49,7 @@ def engine_input(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class Engine:
+class Engine(ABC):
     """A loaded engine. Call it with the static model's inputs in order; it returns the output."""
 
     def __init__(self, entry: Entry, device: torch.device):
@@ -65,14 +66,29 @@ class Engine:
                                  f"the engine was built for {list(shape)} {dtype}")
         return self.run(*(engine_input(t) for t in inputs))
 
+    @abstractmethod
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The engine's output for inputs already checked and laid out as it was built for."""
 
     def release(self) -> None:
         """Free what the engine holds (device memory) now; the engine set drops it afterwards."""
 
 
-class Backend:
+def compiled_device_problem(entry: Entry, device: torch.device | str,
+                            capability: tuple[int, int] | None) -> str | None:
+    """Why code compiled for `entry`'s device cannot run here: another device type, or on a GPU
+    another compute capability (compiled kernels are specific to both); None when it can."""
+    device = torch.device(device)
+    if entry.device_type != device.type:
+        return f"compiled for {entry.device_type}, the model runs on {device.type}"
+    built_for = entry.device.get("compute_capability")
+    here = f"{capability[0]}.{capability[1]}" if capability else None
+    if device.type == "cuda" and built_for != here:
+        return f"compiled for compute capability {built_for}, this GPU is {here}"
+    return None
+
+
+class Backend(ABC):
     """What every engine kind answers. Subclasses set the class attributes and override what differs."""
 
     name: str = ""
@@ -85,9 +101,9 @@ class Backend:
             return f"{self.library} is not installed" + (f" ({self.install_hint})" if self.install_hint else "")
         return None
 
+    @abstractmethod
     def required_files(self, entry: Entry) -> tuple[str, ...]:
         """Files the manifest must list (and so hash) for this entry."""
-        raise NotImplementedError
 
     def runs(self, precision: Precision, device: torch.device, capability: tuple[int, int] | None) -> str | None:
         """Why this backend cannot run `precision` on such a device at all, or None."""
@@ -102,13 +118,13 @@ class Backend:
                         f"{versions.get(tool) or 'none'}")
         return self.runs(Precision(entry.precision), device, capability)
 
+    @abstractmethod
     def load(self, entry: Entry, folder: Path, device: torch.device, model: StaticWanTransformer,
              options: Mapping | None = None) -> Engine:
         """Load `entry` from `folder/<id>/`, whose files have passed their checks. `model` is the eager
         static model at the entry's shape: its tensors (`model.constants()`: parameters and shape
         tables) are what artifacts that keep their weights outside are handed. `options`: the
         caller's settings for this backend (`engine_options[backend]` of `from_pretrained`)."""
-        raise NotImplementedError
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -21,7 +21,7 @@ import torch
 from ..integrity import read_verified
 from ..manifest import AOTI_FILE, Entry, entry_file
 from ..precision import Precision
-from . import Backend, Engine
+from . import Backend, Engine, compiled_device_problem
 
 
 class AOTIEngine(Engine):
@@ -63,17 +63,8 @@ class AOTIBackend(Backend):
 
     def compatibility(self, entry: Entry, device: torch.device, capability: tuple[int, int] | None,
                       versions: Mapping[str, str | None]) -> str | None:
-        problem = super().compatibility(entry, device, capability, versions)
-        if problem:
-            return problem
-        device = torch.device(device)
-        if entry.device_type != device.type:
-            return f"compiled for {entry.device_type}, the model runs on {device.type}"
-        built_for = entry.device.get("compute_capability")
-        here = f"{capability[0]}.{capability[1]}" if capability else None
-        if device.type == "cuda" and built_for != here:
-            return f"compiled for compute capability {built_for}, this GPU is {here}"
-        return None
+        return (super().compatibility(entry, device, capability, versions)
+                or compiled_device_problem(entry, device, capability))
 
     def load(self, entry: Entry, folder: Path, device: torch.device, model, options: Mapping | None = None) -> Engine:
         constants = model.constants()

@@ -32,7 +32,7 @@ from ..integrity import read_verified
 from ..manifest import INDUCTOR_FILE, Entry, entry_file
 from ..precision import Precision
 from ..static import StaticWanTransformer, call_block
-from . import Backend, Engine
+from . import Backend, Engine, compiled_device_problem
 
 log = logging.getLogger("wan_build.runtime")
 FORMS = ("aot_compile", "cache_artifacts")
@@ -118,16 +118,10 @@ class InductorBackend(Backend):
 
     def compatibility(self, entry: Entry, device: torch.device, capability: tuple[int, int] | None,
                       versions: Mapping[str, str | None]) -> str | None:
-        problem = super().compatibility(entry, device, capability, versions)
+        problem = (super().compatibility(entry, device, capability, versions)
+                   or compiled_device_problem(entry, device, capability))
         if problem:
             return problem
-        device = torch.device(device)
-        if entry.device_type != device.type:
-            return f"compiled for {entry.device_type}, the model runs on {device.type}"
-        built_for = entry.device.get("compute_capability")
-        here = f"{capability[0]}.{capability[1]}" if capability else None
-        if device.type == "cuda" and built_for != here:
-            return f"compiled for compute capability {built_for}, this GPU is {here}"
         form = entry.options.get("form")
         if form not in FORMS:
             return f"artifact form {form!r} is not one this runtime reads ({', '.join(FORMS)})"

@@ -1,12 +1,15 @@
-"""Swapping a LoRA in place vs rebuilding engines for the merged weights, side by side in one run.
+"""Swapping a LoRA on a model served by engines vs rebuilding those engines, side by side in one run.
 
 The model is the mid config of BENCHMARKING.md (`mid-i2v`), with a rank-R LoRA on every linear
-layer of every block. Times: `set_loras([A])` from the base, `A -> B`, `set_loras([])`, and the
-rebuild a LoRA change would otherwise cost: merging into a checkpoint (`wan-build lora merge`) plus
-building one ONNX Runtime and one AOTInductor entry at one shape. Each swap is timed `--repeats`
-times (median); the rebuild once.
+layer of every block. The rebuild a LoRA change would cost without weight-independent engines:
+merging into a checkpoint (`wan-build lora merge`) plus building one entry per backend at one
+shape (ONNX Runtime, AOTInductor, inductor). Those entries, built from the merged checkpoint, then
+serve the base checkpoint with LoRAs swapped in place (they take the model's weights): per backend,
+`set_loras` (merge), the first call after it (which hands the engine the new tensors, or reopens
+an ONNX Runtime session) and a steady call, each the median of `--repeats` swaps A -> B -> A; every
+call is checked to run on the engine and to match eager on the merged weights.
 
-    python bench/lora_swap.py [--rank 64] [--repeats 5] [--json out.json]
+    python bench/lora_swap.py [--rank 64] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="mid-i2v")
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -62,6 +65,7 @@ def main() -> None:
         fn()
         return time.perf_counter() - start
 
+    backends = ("onnxruntime", "aoti", "inductor")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         init_weights(config, root / "weights", seed=0)
@@ -74,26 +78,69 @@ def main() -> None:
             swaps["B -> base"].append(timed(lambda: model.set_loras([])))
         rebuild = {"merge into a checkpoint": timed(lambda: merge_loras_into(root / "weights", [(a, 1.0)],
                                                                             root / "merged", echo=lambda s: None))}
-        for backend in ("onnxruntime", "aoti"):
+        for backend in backends:
             (root / f"{backend}.yaml").write_text(
                 f"name: swap\nmodel: {{weights: merged}}\nprecision: fp32\nbackends: {backend}\n"
                 "shapes:\n  - {frames: 9, height: 240, width: 416}\ntext_tokens: 512\ndevice: cpu\n")
             rebuild[f"build one {backend} entry"] = timed(
                 lambda: build(load_profile(root / f"{backend}.yaml"), root / f"out-{backend}", echo=lambda s: None))
 
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, config.in_channels, 3, 30, 52, generator=g)
+        t = torch.tensor([500.0])
+        ctx = torch.randn(1, 512, config.text_dim, generator=g)
+        image = torch.randn(1, 257, config.image_dim, generator=g) if config.image_dim else None
+        references = {}
+        for name, loras in (("A", [(a, 1.0)]), ("B", [(b, 1.0)])):
+            eager = WanTransformer.from_pretrained(root / "weights", loras=loras)
+            with torch.no_grad():
+                references[name] = eager(x, t, ctx, image).sample
+        served: dict[str, dict[str, list[float]]] = {}
+        errors: dict[str, float] = {}
+        for backend in backends:
+            front = WanTransformer.from_pretrained(root / "weights", engines=root / f"out-{backend}",
+                                                   backends=[backend])
+            times = served[backend] = {"set_loras": [], "first call after": [], "steady call": []}
+
+            def call(name: str) -> None:
+                with torch.no_grad():
+                    out = front(x, t, ctx, image).sample
+                if front.last_route.backend != backend:
+                    raise SystemExit(f"{backend}: the call ran {front.last_route}")
+                ref = references[name]
+                errors[backend] = max(errors.get(backend, 0.0), ((out - ref).norm() / ref.norm()).item())
+
+            front.set_loras([(a, 1.0)])
+            call("A")
+            for _ in range(args.repeats):
+                for name, path in (("B", b), ("A", a)):
+                    times["set_loras"].append(timed(lambda: front.set_loras([(path, 1.0)])))
+                    times["first call after"].append(timed(lambda: call(name)))
+                    times["steady call"].append(timed(lambda: call(name)))
+
     lora_mb = sum(shapes[f"{m}.weight"][0] + shapes[f"{m}.weight"][1] for m in targets) * args.rank * 4 / 1e6
     print(f"{args.preset}: {len(targets)} linear layers, rank {args.rank} ({lora_mb:.1f} MB per LoRA, fp32), "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads")
     medians = {k: statistics.median(v) for k, v in swaps.items()}
     rebuilt = sum(rebuild.values())
-    print(f"{'step':32s} {'seconds':>9s} {'x rebuild':>10s}")
+    print(f"{'step (eager model)':40s} {'seconds':>9s} {'x rebuild':>10s}")
     for name, s in list(medians.items()) + list(rebuild.items()):
-        print(f"{name:32s} {s:9.3f} {s / rebuilt:10.4f}")
-    print(f"{'rebuild in all':32s} {rebuilt:9.3f} {1.0:10.4f}")
-    print(f"a swap (A -> B) takes {medians['A -> B'] / rebuilt:.2%} of a rebuild of one shape's two entries")
+        print(f"{name:40s} {s:9.3f} {s / rebuilt:10.4f}")
+    print(f"{'rebuild in all':40s} {rebuilt:9.3f} {1.0:10.4f}")
+    print(f"\n{'swap on engines (medians)':24s} {'set_loras':>10s} {'1st call':>9s} {'steady':>8s} {'overhead':>9s} "
+          f"{'x rebuild':>10s} {'rel.err':>8s}")
+    for backend, times in served.items():
+        m = {k: statistics.median(v) for k, v in times.items()}
+        overhead = m["set_loras"] + m["first call after"] - m["steady call"]
+        entry = rebuild[f"build one {backend} entry"] + rebuild["merge into a checkpoint"]
+        print(f"{backend:24s} {m['set_loras']:10.3f} {m['first call after']:9.3f} {m['steady call']:8.3f} "
+              f"{overhead:9.3f} {overhead / entry:10.4f} {errors[backend]:8.1e}")
+    print("overhead = set_loras + first call after - steady call; x rebuild: against merging and building that "
+          "backend's entry; rel.err: largest against eager on the merged weights")
     if args.json:
         args.json.write_text(json.dumps({"preset": args.preset, "rank": args.rank, "swaps_s": swaps,
-                                         "rebuild_s": rebuild, "torch": torch.__version__}, indent=2) + "\n")
+                                         "rebuild_s": rebuild, "served_s": served, "relative_error": errors,
+                                         "torch": torch.__version__, "threads": args.threads}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

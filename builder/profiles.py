@@ -72,6 +72,7 @@ class TensorRTOptions:
     timing_cache: Path | None = None  # None: one per GPU model and TensorRT version in the wan-build cache folder
     hardware_compatibility: str = "none"
     strip_weights: bool = True  # weight-stripped plans, refitted from the ONNX weights at load
+    refittable: bool = False  # REFIT_INDIVIDUAL on the weights: plans refitted from the model's tensors (any weights)
     weight_streaming: bool = False
     weight_streaming_budget_gb: float | None = None  # weights kept on the GPU when streaming; None: TensorRT's automatic
     cuda_graphs: bool = False  # capture execute_async_v3 into a CUDA graph at first use
@@ -299,7 +300,7 @@ def _config(ctx: _Ctx, node: yaml.Node, experts: tuple[Expert, ...], preset: str
 
 def _tensorrt(ctx: _Ctx, node: yaml.Node) -> TensorRTOptions:
     f = ctx.mapping(node, "tensorrt", ("workspace_gb", "optimization_level", "timing_cache",
-                                       "hardware_compatibility", "strip_weights", "weight_streaming",
+                                       "hardware_compatibility", "strip_weights", "refittable", "weight_streaming",
                                        "weight_streaming_budget_gb", "cuda_graphs"))
     kw: dict[str, Any] = {}
     if "workspace_gb" in f:
@@ -313,7 +314,7 @@ def _tensorrt(ctx: _Ctx, node: yaml.Node) -> TensorRTOptions:
     if "hardware_compatibility" in f:
         kw["hardware_compatibility"] = ctx.choice(f["hardware_compatibility"][1], "tensorrt.hardware_compatibility",
                                                   HARDWARE_COMPATIBILITY)
-    for flag in ("strip_weights", "weight_streaming", "cuda_graphs"):
+    for flag in ("strip_weights", "refittable", "weight_streaming", "cuda_graphs"):
         if flag in f:
             kw[flag] = ctx.scalar(f[flag][1], f"tensorrt.{flag}", bool)
     if "weight_streaming_budget_gb" in f and not _is_null(f["weight_streaming_budget_gb"][1]):

@@ -22,7 +22,7 @@ from .compiled import compile_blocks, describe as describe_compiled, uncompile_b
 from .config import LatentSize, WanConfig, check_latent_size, get_preset
 from .engines import EngineSet
 from .errors import GeometryError, InputError
-from .fp8 import quantize_fp8
+from .fp8 import Fp8Linear, quantize_fp8
 from .integrity import weights_fingerprint
 from .precision import Precision
 from .static import StaticShape, StaticWanTransformer, add_parameters, parameter_shapes
@@ -87,6 +87,10 @@ class WanTransformer(nn.Module):
         self._fp8 = False
         self._loras: list = []  # [(LoraFile, strength)], merged into the parameters
         self._lora_base: dict[str, torch.Tensor] = {}  # the base tensors of the parameters LoRAs changed
+        # FP8 layers: their high-precision weights as read (memory-mapped checkpoint views, no copy), what
+        # `set_loras` merges into and re-quantizes; and which of them hold merged weights now.
+        self._fp8_source: dict[str, torch.Tensor] = {}
+        self._fp8_merged: set[str] = set()
         self.engines: EngineSet | None = None
         if tensors is None:
             add_parameters(self, config)
@@ -146,20 +150,33 @@ class WanTransformer(nn.Module):
             if quantize != "fp8" or model.dtype != torch.bfloat16:
                 raise InputError(f"quantize={quantize!r} with torch_dtype={model.dtype} is not supported; "
                                  "use quantize='fp8' with torch_dtype=torch.bfloat16")
-            model.quantize_fp8(fp8_scaling)
+            model.quantize_fp8(fp8_scaling, source=checkpoint.tensors)
         if engines is not None:
             fingerprint = weights_fingerprint(checkpoint.tensors, checkpoint.files)
             model.engines = EngineSet.open(engines, fingerprint=fingerprint, precision=model.precision,
                                            device=model.device, strict=strict, backends=backends,
                                            full_check=full_check, trusted=trusted, allow_mismatch=allow_mismatch,
-                                           engine_options=engine_options, max_loaded=max_loaded_engines)
+                                           engine_options=engine_options, max_loaded=max_loaded_engines,
+                                           config=model.config)
         return model.eval()
 
-    def quantize_fp8(self, scaling: str = "rowwise", check_device: bool = True) -> list[str]:
-        """Make the middle blocks' linear layers FP8 in place (see `runtime.fp8`); returns their names."""
+    def quantize_fp8(self, scaling: str = "rowwise", check_device: bool = True,
+                     source: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+        """Make the middle blocks' linear layers FP8 in place (see `runtime.fp8`); returns their names.
+        `source`: the checkpoint's tensors (memory-mapped, as `from_pretrained` passes them), kept by
+        reference for the FP8 layers' weights so `set_loras` can merge into them and re-quantize;
+        without it, LoRAs merged now stay and `set_loras` refuses."""
+        if self._fp8:
+            raise InputError("this model is FP8-quantized already")
         names = quantize_fp8(self, self.wan_config.num_layers, scaling, check_device=check_device)
         self._fp8 = bool(names)
-        if names:  # active LoRAs are baked into the FP8 layers now: their base copies cannot come back
+        weights = [f"{n}.weight" for n in names]
+        if source is not None and all(w in source for w in weights):
+            self._fp8_source = {w: source[w] for w in weights}
+            self._fp8_merged = {w for w in weights if w in self._lora_base}
+        for w in weights:  # the bf16 base copies go: the FP8 layers replaced those parameters
+            self._lora_base.pop(w, None)
+        if not self._fp8_source and self._loras:  # nothing to re-quantize from: these LoRAs stay merged
             self._lora_base.clear()
         self._drop_built()  # static models built on the bf16 layers are stale now
         return names
@@ -171,13 +188,16 @@ class WanTransformer(nn.Module):
         weights exactly; nothing is re-read from the checkpoint. Every file and key is checked before
         any weight changes: on an error the model keeps its current weights.
 
-        Engines serve the weights they were built with: while LoRAs are active, calls run the eager
-        (or compiled) static model, and `last_route` says so."""
+        Engines that take their weights from the model (`Entry.front_weights`) serve the merged
+        weights: they are handed the new tensors on their next call, nothing is rebuilt. Engines that
+        hold the checkpoint's weights (calibrated FP8/NVFP4 TensorRT plans) do not serve while LoRAs
+        are active: those calls run the eager (or compiled) static model, and `last_route` says why."""
         from .lora import LoraFile, merged_tensors, plan_updates, read_loras
 
-        if self._fp8:
-            raise InputError("set_loras on an FP8-quantized model is not supported yet: merge the LoRAs first "
-                             "(from_pretrained(..., loras=[...], quantize='fp8') merges before quantizing)")
+        if self._fp8 and not self._fp8_source:
+            raise InputError("set_loras on this FP8 model: its high-precision weights are not at hand to merge "
+                             "into (it was quantized without them); load it with from_pretrained(..., "
+                             "quantize='fp8'), which keeps the checkpoint's, or merge first (loras=[...])")
         if isinstance(loras, (str, Path, LoraFile)):
             raise InputError("set_loras takes a list: [(path, strength), ...]; [] restores the base weights")
         files = [(x, 1.0) if isinstance(x, LoraFile) else
@@ -186,16 +206,39 @@ class WanTransformer(nn.Module):
         params = dict(self.named_parameters())
         base = {name: self._lora_base.get(name, p.data) for name, p in params.items()}
         plan = plan_updates(files, self.wan_config, base)
+        fp8_layers = {f"{n}.weight": m for n, m in self.named_modules() if isinstance(m, Fp8Linear)}
+        for name in set(plan) & set(fp8_layers):  # merge into the high-precision weights, as before quantizing
+            base[name] = self._fp8_high_precision(name, fp8_layers[name])
         merged = merged_tensors(base, plan)
         with torch.no_grad():
             for name in list(self._lora_base):
                 if name not in merged:  # no longer touched: back to the base tensor itself
                     params[name].data = self._lora_base.pop(name)
+            for name in list(self._fp8_merged):
+                if name not in merged:  # re-quantized from the checkpoint's weights: the original FP8 layer
+                    self._set_fp8(fp8_layers[name], self._fp8_high_precision(name, fp8_layers[name]))
+                    self._fp8_merged.discard(name)
             for name, tensor in merged.items():
+                if name in fp8_layers:
+                    self._set_fp8(fp8_layers[name], tensor)
+                    self._fp8_merged.add(name)
+                    continue
                 self._lora_base.setdefault(name, params[name].data)
                 params[name].data = tensor
         self._loras = [(f, float(s)) for f, s in files]
-        self._drop_built()
+        self._eager.clear()  # the static models are rebuilt around the new tensors on their next call
+        if self.engines is not None:
+            self.engines.update_weights({name: p.detach() for name, p in self.named_parameters()})
+
+    def _fp8_high_precision(self, name: str, layer: Fp8Linear) -> torch.Tensor:
+        """An FP8 layer's weight as it was before quantization (the checkpoint's, cast as at load)."""
+        return self._fp8_source[name].to(device=layer.weight.device, dtype=layer.out_dtype)
+
+    @staticmethod
+    def _set_fp8(layer: Fp8Linear, weight: torch.Tensor) -> None:
+        q, scale = layer._quantize_plain(weight)  # the quantization `quantize_fp8` applied at load
+        layer.weight.data = q
+        layer.weight_scale.data = scale.reshape(layer.weight_scale.shape)
 
     @property
     def loras(self) -> list[tuple[str, float]]:
@@ -274,11 +317,9 @@ class WanTransformer(nn.Module):
 
     def run(self, shape: StaticShape, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Serve prepared inputs: the engine built for `shape`, else the eager static model."""
-        if self.engines is not None and self._loras:
-            reason = f"{self._lora_note()} active: engines serve the weights they were built with"
-        elif self.engines is not None:
+        if self.engines is not None:
             engine, entry, reason = self.engines.route(shape, self.precision, self.device,
-                                                       lambda: self._eager_model(shape)[0])
+                                                       lambda: self._eager_model(shape)[0], self._lora_note())
             if engine is not None:
                 self.last_route = Route(entry.backend, shape, reason)
                 return engine(*inputs)

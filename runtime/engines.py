@@ -9,6 +9,11 @@ What is checked, and when:
   pin (`trusted`), which expert these weights are (by fingerprint), the parity gate (an entry built
   with `--allow-mismatch` is refused unless `allow_mismatch=True`), and that each entry lists every
   file its backend reads;
+- which weights an entry can run: every entry runs the weights it was built from; an entry that
+  takes its weights from the caller (`Entry.front_weights`: AOTInductor, inductor, ONNX Runtime
+  entries, refittable TensorRT ones) also runs other weights of the same structure and layout (a
+  fine-tune of the same model, merged LoRAs), checked by `weights_layout` before it loads. Baked
+  entries (calibrated FP8/NVFP4 plans, older ONNX exports) serve their own weights only;
 - before an entry is first used on a device (at open for the model's own): the backend's library,
   the tool versions and the device, then every file's size and sha256, hashed in full once per
   process (`runtime.integrity`); code is then loaded from the very bytes checked;
@@ -30,9 +35,16 @@ import torch
 from .backends import BACKENDS, Engine, backend
 from .integrity import HASHED, HashStats
 from .manifest import Entry, EngineError, Manifest, ManifestError, capability_of, check_files, read_manifest, tool_versions
-from .static import StaticShape, StaticWanTransformer
+from .static import StaticShape, StaticWanTransformer, weights_layout
 
 log = logging.getLogger("wan_build.runtime")
+
+
+def same_structure(built: Mapping, config: Mapping) -> bool:
+    """Whether a manifest's expert config and a model's describe one structure (names aside)."""
+    def plain(c: Mapping) -> dict:
+        return {k: v for k, v in c.items() if not k.startswith("_") and k != "name"}
+    return bool(built) and plain(built) == plain(config)
 
 
 def _device_key(device: torch.device) -> str:
@@ -65,15 +77,19 @@ class EngineSet:
         self._checked: set[tuple[str, str]] = set()
         self._loaded: dict[tuple[str, str], Engine] = {}
         self._warned: set[str] = set()
+        self.own_weights = True  # False when opened for weights no expert of the folder was built from
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: str | Path, *, fingerprint: str, precision: str | None, device: torch.device,
              strict: bool = False, backends: Sequence[str] | None = None, full_check: bool = False,
              trusted: str | None = None, allow_mismatch: bool = False,
-             engine_options: Mapping[str, Mapping] | None = None, max_loaded: int | None = None) -> "EngineSet":
+             engine_options: Mapping[str, Mapping] | None = None, max_loaded: int | None = None,
+             config: Mapping | None = None) -> "EngineSet":
         """Read `folder`'s manifest and keep this expert's entries (the one whose weights fingerprint
-        matches) of the backends asked for, checking what can be checked now."""
+        matches) of the backends asked for, checking what can be checked now. Weights no expert was
+        built from (a fine-tune): with `config` (the model's diffusers config), the entries of the
+        experts of that structure that take their weights from the caller serve them."""
         folder = Path(folder)
         order = list(backends or BACKENDS)
         unknown = [b for b in order if b not in BACKENDS]
@@ -107,12 +123,33 @@ class EngineSet:
             engines.folder_problem = f"{folder}/manifest.json: {manifest.bad_entries['entries']}"
             return engines
         expert = next((n for n, e in manifest.experts.items() if e.fingerprint == fingerprint), None)
-        if expert is None:  # every entry is refused, and says so to the calls of its shape
-            engines = cls(folder, "?", [e for e in manifest.entries.values() if e.backend in order], **options)
+        if expert is None:  # entries that take the caller's weights serve these; the others refuse
             built = ", ".join(f"{n} {e.fingerprint[:12]}" for n, e in manifest.experts.items()) or "none"
-            for entry in manifest.entries.values():
-                engines._refuse(entry, None, f"built from other weights (experts {built}; these weights "
-                                             f"{fingerprint[:12]})")
+            same = [n for n, e in manifest.experts.items() if config is not None and same_structure(e.config, config)]
+            candidates = [e for e in manifest.entries.values() if e.backend in order]
+            engines = cls(folder, same[0] if same else "?", candidates, **options)
+            engines.own_weights = False
+            engines.malformed = malformed
+            for entry in candidates:
+                if entry.expert not in same:
+                    engines._refuse(entry, None, f"built for another model (experts {built}; these weights "
+                                                 f"{fingerprint[:12]} are of another structure)" if config is not None
+                                    else f"built from other weights (experts {built}; these weights {fingerprint[:12]})")
+                elif not entry.front_weights:
+                    engines._refuse(entry, None, f"holds the weights it was built from (expert {entry.expert} "
+                                                 f"{manifest.experts[entry.expert].fingerprint[:12]}; these weights "
+                                                 f"{fingerprint[:12]}); rebuild it for these weights")
+            engines._static_checks(manifest, None)
+            if full_check:
+                for entry in candidates:
+                    problem = check_files(entry, folder, backend(entry.backend).required_files(entry), fresh=True)
+                    if problem:
+                        engines._refuse(entry, None, problem)
+            for entries in engines.by_shape.values():
+                for entry in entries:
+                    if entry.precision == precision and (entry.id, None) not in engines.refusals:
+                        engines._usable(entry, device)
+            engines.verification = HASHED.since(before)
             return engines
         mine = [e for e in manifest.entries.values() if e.expert == expert and e.backend in order]
         engines = cls(folder, expert, mine, **options)
@@ -132,11 +169,14 @@ class EngineSet:
             log.info("checked the engines of %s for %s: %s", folder, expert, engines.verification.describe())
         return engines
 
-    def _static_checks(self, manifest: Manifest, fingerprint: str) -> None:
+    def _static_checks(self, manifest: Manifest, fingerprint: str | None) -> None:
+        """`fingerprint` None: weights of no expert here (only front-weight entries can serve them)."""
         for entries in self.by_shape.values():
             for entry in entries:
                 b = backend(entry.backend)
-                if entry.weights_fingerprint != fingerprint:
+                if (entry.id, None) in self.refusals:
+                    continue
+                if fingerprint is not None and entry.weights_fingerprint != fingerprint:
                     self._refuse(entry, None, f"built from other weights (fingerprint {entry.weights_fingerprint[:12]}, "
                                               f"these weights {fingerprint[:12]})")
                 elif entry.allow_mismatch or not entry.parity.passed:
@@ -191,6 +231,19 @@ class EngineSet:
             out.setdefault(entry.shape, []).append(f"{entry.id} ({entry.backend}): {reason}")
         return out
 
+    def update_weights(self, weights: Mapping[str, torch.Tensor]) -> int:
+        """The model's weights changed (LoRAs merged or removed; same layout): loaded engines that
+        take the model's weights are handed the new tensors in place where their backend can
+        (AOTInductor, inductor, refittable TensorRT); every other loaded engine is released and
+        reloads on its next use. Returns how many were updated in place."""
+        updated = 0
+        for key, engine in list(self._loaded.items()):
+            if engine.entry.front_weights and engine.update_weights(weights):
+                updated += 1
+            else:
+                self._loaded.pop(key).release()
+        return updated
+
     def release(self) -> None:
         """Drop loaded engines (their device memory too); they reload on next use."""
         for engine in self._loaded.values():
@@ -199,10 +252,12 @@ class EngineSet:
 
     # -- routing ------------------------------------------------------------------------------------
     def route(self, shape: StaticShape, precision: str | None, device: torch.device,
-              model: Callable[[], StaticWanTransformer]) -> tuple[Engine | None, Entry | None, str]:
+              model: Callable[[], StaticWanTransformer], changed: str = "") -> tuple[Engine | None, Entry | None, str]:
         """(engine, entry, reason) for `shape` at `precision` on `device`; engine is None when the call
-        must fall back. `model()` gives the eager static model of `shape` (its tensors feed engines)."""
-        engine, entry, reason = self._route(shape, precision, device, model)
+        must fall back. `model()` gives the eager static model of `shape` (its tensors feed engines).
+        `changed`: what makes the model's weights differ from the checkpoint's ("LoRAs a x1"), so
+        that entries holding the checkpoint's weights do not serve."""
+        engine, entry, reason = self._route(shape, precision, device, model, changed)
         if engine is None and self.malformed:
             key, why = next(iter(self.malformed.items()))
             more = f" and {len(self.malformed) - 1} more" if len(self.malformed) > 1 else ""
@@ -210,7 +265,7 @@ class EngineSet:
         return engine, entry, reason
 
     def _route(self, shape: StaticShape, precision: str | None, device: torch.device,
-               model: Callable[[], StaticWanTransformer]) -> tuple[Engine | None, Entry | None, str]:
+               model: Callable[[], StaticWanTransformer], changed: str) -> tuple[Engine | None, Entry | None, str]:
         if self.folder_problem:
             return None, None, f"engine folder refused: {self.folder_problem}"
         key = _device_key(device)
@@ -221,11 +276,23 @@ class EngineSet:
                 there = ", ".join(sorted({e.precision for e in candidates}))
                 return None, None, f"engines for this shape are {there}, this model runs {precision or 'unsupported dtype'}"
             return None, None, f"no engine built for this shape ({len(self.by_shape)} usable shapes in {self.folder})"
+        other = changed or ("" if self.own_weights else "weights of another checkpoint")
+        skipped = []
         for entry in mine:
+            if other and not entry.front_weights:
+                skipped.append(f"{entry.id} ({entry.backend}): holds the weights it was built from, and {other} "
+                               "differ")
+                continue
             engine = self._loaded.get((entry.id, key))
             if engine is None:
                 if not self._usable(entry, device):
                     continue
+                if entry.front_weights:
+                    layout = weights_layout(model().weights())
+                    if layout != entry.options["weights_layout"]:
+                        skipped.append(f"{entry.id} ({entry.backend}): built for another weights layout (tensor "
+                                       "shapes or dtypes differ: another precision policy or FP8 scaling)")
+                        continue
                 self.load_attempts[(entry.id, key)] += 1
                 try:
                     engine = backend(entry.backend).load(entry, self.folder, torch.device(device), model(),
@@ -249,6 +316,7 @@ class EngineSet:
                     self._warned.add(entry.id)
                 return engine, entry, (f"engine {entry.id} ({entry.backend}, {entry.precision}) built for this shape, "
                                        f"SERVED DESPITE FAILED PARITY ({entry.parity.describe()})")
-            return engine, entry, f"engine {entry.id} ({entry.backend}, {entry.precision}) built for this shape"
-        reasons = [f"{e.id} ({e.backend}): {self._refusal(e, key)}" for e in mine if self._refusal(e, key)]
+            served = f"engine {entry.id} ({entry.backend}, {entry.precision}) built for this shape"
+            return engine, entry, served + (f", on the model's weights ({other})" if other else "")
+        reasons = skipped + [f"{e.id} ({e.backend}): {self._refusal(e, key)}" for e in mine if self._refusal(e, key)]
         return None, None, "engine for this shape refused: " + "; ".join(reasons)

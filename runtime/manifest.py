@@ -219,6 +219,12 @@ class Entry:
         return f"{self.id} ({self.backend}, {self.precision}, {self.expert})"
 
     @property
+    def front_weights(self) -> bool:
+        """Whether the engine runs on the weights the runtime hands it (any weights of the recorded
+        layout: a fine-tune, merged LoRAs) rather than weights baked in at build."""
+        return self.options.get("weights") == "front" and isinstance(self.options.get("weights_layout"), str)
+
+    @property
     def device_type(self) -> str:
         return str(self.device.get("type") or "cpu")
 

@@ -15,6 +15,7 @@ Section numbers match between `__init__` and `forward`:
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -24,6 +25,20 @@ from torch import nn
 
 from .config import MAX_BATCH, MAX_TEXT_TOKENS, MAX_VIDEO_TOKENS, TEXT_TOKENS, LatentSize, WanConfig, check_latent_size
 from .errors import GeometryError
+
+SHAPE_TABLES = ("rope_cos", "rope_sin", "time_freqs")  # buffers derived from the shape, not weights
+
+
+def weights_layout(tensors) -> str:
+    """sha256 of every weight's name, shape and dtype (not its values): what an engine that takes
+    its weights from the caller needs to match. Other weights with this layout (a fine-tune, merged
+    LoRAs) run on it; another precision policy, FP8 scaling or model size does not."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        if name not in SHAPE_TABLES:
+            t = tensors[name]
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -425,6 +440,10 @@ class StaticWanTransformer(nn.Module):
         """Parameters and shape tables by name (detached, shared): what engines that keep their
         weights outside the artifact are handed."""
         return {k: v.detach() for k, v in (*self.named_parameters(), *self.named_buffers())}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The constants without the shape tables: what does not depend on the shape."""
+        return {k: v for k, v in self.constants().items() if k not in SHAPE_TABLES}
 
     def input_specs(self, dtype: torch.dtype | None = None) -> list[TensorSpec]:
         """Names, shapes and dtypes of the inputs, in forward's order (the timestep is float32)."""

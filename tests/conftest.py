@@ -69,14 +69,15 @@ def stand_in_for_tensorrt(monkeypatch, engine, version: str = "11.4.0.106", gpu:
     the plan (e.g. the entry's ONNX in ONNX Runtime). `gpu` replaces the build device's description."""
     import builder.backends.tensorrt as trt_builder
 
-    def build_plan(onnx_path, plan_path, options, cache_dir, gpu_name, cc, precision="bf16"):
+    def build_plan(onnx_path, plan_path, options, cache_dir, gpu_name, cc, precision="bf16", refit_weights=None):
         plan_path.write_bytes(b"stripped plan")
         return trt_builder.BuildInfo(version, "always (TensorRT 11)", options.optimization_level, None,
                                      options.hardware_compatibility, options.strip_weights, False,
                                      str(cache_dir / "t.cache"), 0, 10, 0.1, 13, [])
 
     class Played:
-        def __init__(self, entry, plan_path, plan, device, constants, *, built_with, built_for, options):
+        def __init__(self, entry, plan_path, plan, device, constants, *, built_with, built_for, options,
+                     refit_from="model"):
             assert built_with == version and plan == b"stripped plan"
             self.options = options
             self.play = engine(entry, plan_path, constants)

@@ -105,13 +105,21 @@ def test_fallback_reasons(built, tmp_path):
     call(bf16, dtype=torch.bfloat16)
     assert bf16.last_route.reason.startswith("engines for this shape are fp16, fp32, this model runs bf16")
 
+    # other weights of this model: the entries take the model's weights, so they serve them
     init_weights(get_preset("tiny-i2v"), tmp_path / "other", seed=22)
     other = WanTransformer.from_pretrained(tmp_path / "other", engines=built / "out")
     out, _ = call(other)
-    assert other.last_route.backend == "eager" and "built from other weights" in other.last_route.reason
-    assert relative_error(out, call(WanTransformer.from_pretrained(tmp_path / "other"))[0]) == 0
-    with pytest.raises(EngineError, match="refused: built from other weights"):
-        WanTransformer.from_pretrained(tmp_path / "other", engines=built / "out", strict=True)
+    assert other.last_route.backend != "eager" and "another checkpoint" in other.last_route.reason
+    assert relative_error(out, call(WanTransformer.from_pretrained(tmp_path / "other"))[0]) < 1e-5
+    # weights of another model: refused, eager answers
+    deeper = get_preset("tiny-i2v").replace(num_layers=get_preset("tiny-i2v").num_layers + 1)  # same shapes
+    init_weights(deeper, tmp_path / "deeper", seed=22)
+    model = WanTransformer.from_pretrained(tmp_path / "deeper", engines=built / "out")
+    out, _ = call(model)
+    assert model.last_route.backend == "eager" and "built for another model" in model.last_route.reason
+    assert relative_error(out, call(WanTransformer.from_pretrained(tmp_path / "deeper"))[0]) == 0
+    with pytest.raises(EngineError, match="refused: built for another model"):
+        WanTransformer.from_pretrained(tmp_path / "deeper", engines=built / "out", strict=True)
     with pytest.raises(EngineError, match="no manifest.json"):
         WanTransformer.from_pretrained(built / "w", engines=tmp_path)
 

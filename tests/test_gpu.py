@@ -145,7 +145,7 @@ def test_nvfp4_calibration_with_model_optimizer(tmp_path, dtype):
     torch.manual_seed(0)
     model = StaticWanTransformer(config, StaticShape(1, 3, 8, 12, 64)).eval().to("cuda", dtype)
     tensors = model.constants()
-    path = export_onnx(config, model.shape, tensors, dtype, tmp_path, 23)
+    path = export_onnx(config, model.shape, tensors, dtype, tmp_path, 23, named_weights=False)
     calibration = calibrate_nvfp4(model, [model.example_inputs(s, dtype) for s in range(3)],
                                   model.example_inputs(99, dtype))
     print(calibration.to_json())

@@ -185,8 +185,9 @@ def test_image_layers_on_a_text_model_are_a_warning(checkpoints, tmp_path, caplo
     assert model.loras == [(str(path), 1.0)]
 
 
-def test_engines_are_not_used_while_loras_are_active(tmp_path):
-    """An ONNX Runtime engine holds the weights it was built with: with a LoRA merged it must not serve."""
+def test_engines_serve_the_merged_weights_without_a_rebuild(tmp_path):
+    """An ONNX Runtime entry takes its weights from the model by name: with a LoRA merged it serves
+    the merged weights (equal to eager on them), A -> B -> A gives A's output again, [] the base's."""
     from builder.build import build
     from builder.init_weights import init_weights
     from builder.profiles import load_profile
@@ -198,26 +199,64 @@ def test_engines_are_not_used_while_loras_are_active(tmp_path):
                                      "device: cpu\n")
     assert [r.status for r in build(load_profile(tmp_path / "p.yaml"), tmp_path / "out",
                                     echo=lambda s: None).results] == ["built"]
-    lora = make_lora(config, tmp_path / "l.safetensors", "diffusers", seed=3)
+    a = make_lora(config, tmp_path / "a.safetensors", "diffusers", seed=3)
+    b = make_lora(config, tmp_path / "b.safetensors", "original", seed=4)
     model = WanTransformer.from_pretrained(tmp_path / "w", engines=tmp_path / "out")
-    outputs(model, config)
+    base = outputs(model, config)
     assert model.last_route.backend == "onnxruntime"
-    model.set_loras([(lora, 1.0)])
+    model.set_loras([(a, 1.0)])
     merged = outputs(model, config)
-    assert model.last_route.backend == "eager" and "engines serve the weights they were built with" in \
-        model.last_route.reason
-    eager = WanTransformer.from_pretrained(tmp_path / "w", loras=[(lora, 1.0)])
-    assert torch.equal(merged, outputs(eager, config))
+    assert model.last_route.backend == "onnxruntime" and "a.safetensors x1" in model.last_route.reason
+    eager = outputs(WanTransformer.from_pretrained(tmp_path / "w", loras=[(a, 1.0)]), config)
+    assert relative_error(merged, base) > 1e-2  # the LoRA does change the answer
+    assert relative_error(merged, eager) < 1e-5
+    model.set_loras([(b, 0.7)])
+    assert relative_error(outputs(model, config), merged) > 1e-2
+    model.set_loras([(a, 1.0)])
+    assert relative_error(outputs(model, config), merged) < 1e-6 and model.last_route.backend == "onnxruntime"
     model.set_loras([])
-    outputs(model, config)
-    assert model.last_route.backend == "onnxruntime"
+    assert relative_error(outputs(model, config), base) < 1e-6 and model.last_route.backend == "onnxruntime"
     from runtime import load_engines
     from runtime.errors import InputError
 
-    opened = load_engines(tmp_path / "out", loras=[(lora, 1.0)])
-    assert torch.equal(outputs(opened, config), merged) and "l.safetensors x1" in opened.last_route.reason
+    opened = load_engines(tmp_path / "out", loras=[(a, 1.0)])
+    assert relative_error(outputs(opened, config), merged) < 1e-6 and "a.safetensors x1" in opened.last_route.reason
+    assert opened.last_route.backend == "onnxruntime"
     with pytest.raises(InputError, match="give a plain list for a one-expert model"):
-        load_engines(tmp_path / "out", loras={"high_noise": [lora]})
+        load_engines(tmp_path / "out", loras={"high_noise": [a]})
+
+
+def test_baked_engines_do_not_serve_merged_weights(tmp_path):
+    """An entry that holds its build's weights (here an ONNX Runtime entry recorded without
+    `weights: front`, as older builds wrote them) must not serve while a LoRA is merged."""
+    import json
+
+    from builder.build import build
+    from builder.init_weights import init_weights
+    from builder.profiles import load_profile
+
+    config = get_preset("tiny-t2v")
+    init_weights(config, tmp_path / "w", seed=5)
+    (tmp_path / "p.yaml").write_text("name: l\nmodel: {weights: w}\nprecision: fp32\nbackends: onnxruntime\n"
+                                     f"shapes:\n  - {{frames: 5, height: 32, width: 48}}\ntext_tokens: {TEXT}\n"
+                                     "device: cpu\n")
+    build(load_profile(tmp_path / "p.yaml"), tmp_path / "out", echo=lambda s: None)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    for entry in manifest["entries"].values():
+        entry["options"].pop("weights")
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    lora = make_lora(config, tmp_path / "l.safetensors", "diffusers", seed=3)
+    model = WanTransformer.from_pretrained(tmp_path / "w", engines=tmp_path / "out")
+    base = outputs(model, config)
+    assert model.last_route.backend == "onnxruntime"  # its own weights, read from its file
+    assert relative_error(base, outputs(WanTransformer.from_pretrained(tmp_path / "w"), config)) < 1e-5
+    model.set_loras([(lora, 1.0)])
+    merged = outputs(model, config)
+    assert model.last_route.backend == "eager" and "holds the weights it was built from" in model.last_route.reason
+    assert torch.equal(merged, outputs(WanTransformer.from_pretrained(tmp_path / "w", loras=[(lora, 1.0)]), config))
+    model.set_loras([])
+    outputs(model, config)
+    assert model.last_route.backend == "onnxruntime"
 
 
 def test_each_expert_keeps_its_own_loras_and_a_bad_pair_changes_neither(checkpoints, tmp_path):
@@ -325,8 +364,9 @@ def test_the_peft_config_diffusers_saves_sets_the_scale(checkpoints, tmp_path, r
 
 
 def test_quantizing_after_a_merge_bakes_the_loras_in(checkpoints, tmp_path):
-    """from_pretrained(loras=..., quantize="fp8") merges, then quantizes the merged weights; the base
-    copies go (the FP8 layers replaced those parameters) and moving the model still works."""
+    """A model quantized without its checkpoint's tensors at hand keeps the LoRAs merged before; the
+    base copies go (the FP8 layers replaced those parameters), moving the model still works, and
+    set_loras says why it cannot change them."""
     config = get_preset("tiny-t2v").replace(num_layers=3)
     from builder.init_weights import init_weights
 
@@ -337,5 +377,38 @@ def test_quantizing_after_a_merge_bakes_the_loras_in(checkpoints, tmp_path):
     assert model.quantize_fp8(check_device=False)
     assert not model._lora_base and model.loras == [(str(a), 1.0)]
     model.to("cpu")
-    with pytest.raises(Exception, match="FP8-quantized"):
+    with pytest.raises(Exception, match="high-precision weights are not at hand"):
         model.set_loras([])
+
+
+def test_set_loras_on_fp8_requantizes_the_merged_weights(tmp_path):
+    """FP8 layers: set_loras merges into the checkpoint's high-precision weights and quantizes again,
+    exactly as merging before quantizing does; A -> B -> A and [] give those FP8 weights exactly."""
+    from builder.init_weights import init_weights
+    from runtime.weights import load_checkpoint
+
+    config = get_preset("tiny-t2v").replace(num_layers=3)
+    init_weights(config, tmp_path / "w", seed=1)
+    a = make_lora(config, tmp_path / "a.safetensors", "diffusers", seed=1)
+    b = make_lora(config, tmp_path / "b.safetensors", "original", seed=2, bias=True)
+
+    def quantized(loras=()):
+        model = WanTransformer.from_pretrained(tmp_path / "w", torch.bfloat16, loras=list(loras))
+        assert model.quantize_fp8(check_device=False, source=load_checkpoint(tmp_path / "w").tensors)
+        return model
+
+    def same(x, y):
+        sx, sy = x.state_dict(), y.state_dict()
+        return sx.keys() == sy.keys() and all(torch.equal(sx[k].float(), sy[k].float()) for k in sx)
+
+    plain, with_a, with_b = quantized(), quantized([(a, 0.8)]), quantized([(b, 1.0)])
+    assert not same(plain, with_a)
+    model = quantized()
+    model.set_loras([(a, 0.8)])
+    assert same(model, with_a) and model.loras == [(str(a), 0.8)]
+    model.set_loras([(b, 1.0)])
+    assert same(model, with_b)
+    model.set_loras([(a, 0.8)])
+    assert same(model, with_a)
+    model.set_loras([])
+    assert same(model, plain) and not model._fp8_merged and not model._lora_base

@@ -91,7 +91,7 @@ def _tiny(tmp_path):
     torch.manual_seed(0)
     model = StaticWanTransformer(config, StaticShape(1, 3, 8, 12, 64)).eval()
     tensors = {k: v.clone() for k, v in model.constants().items()}
-    path = export_onnx(config, model.shape, tensors, torch.float32, tmp_path, 23)
+    path = export_onnx(config, model.shape, tensors, torch.float32, tmp_path, 23, named_weights=False)
     return config, model, tensors, path
 
 
@@ -244,7 +244,7 @@ def test_graph_check_catches_a_dtype_left_behind(tmp_path):
     config = get_preset("tiny-t2v").replace(num_layers=4)
     model = StaticWanTransformer(config, StaticShape(1, 2, 4, 6, 64)).eval().to(torch.bfloat16)
     tensors = model.constants()
-    path = export_onnx(config, model.shape, tensors, torch.bfloat16, tmp_path, 23)
+    path = export_onnx(config, model.shape, tensors, torch.bfloat16, tmp_path, 23, named_weights=False)
     names = fp8_layer_names(model, config.num_layers)
     insert_nvfp4_qdq(path, dict.fromkeys(names, 3.0), {n: model.get_submodule(n).weight for n in names},
                      torch.bfloat16)

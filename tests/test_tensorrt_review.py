@@ -35,9 +35,10 @@ class Recorder(list):
         return [c[0] for c in self]
 
 
-def fake_trt(calls: Recorder, io: list[tuple[str, str, tuple, str]], refit_ok: bool = True) -> types.ModuleType:
+def fake_trt(calls: Recorder, io: list[tuple[str, str, tuple, str]], refit_ok: bool = True,
+             refittable: tuple[str, ...] = ()) -> types.ModuleType:
     """A `tensorrt` whose engine has the I/O tensors `io` ([(name, INPUT|OUTPUT, shape, dtype)], in
-    this order) and records every call in `calls`."""
+    this order) and the refittable weights `refittable`, and records every call in `calls`."""
     trt = types.ModuleType("tensorrt")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # find_spec("tensorrt") must not raise
     trt.__version__ = VERSION
@@ -98,6 +99,17 @@ def fake_trt(calls: Recorder, io: list[tuple[str, str, tuple, str]], refit_ok: b
             calls.append(("refit_cuda_engine",))
             return True
 
+        def get_all_weights(self):
+            return list(refittable)
+
+        def set_named_weights(self, name, weights, location):
+            calls.append(("set_named_weights", name, weights.ptr, weights.count, weights.dtype, location))
+            self.named = getattr(self, "named", set()) | {name}
+            return True
+
+        def get_missing_weights(self):  # TensorRT keeps what an earlier refit set
+            return [n for n in refittable if n not in getattr(self, "named", set())]
+
     class Error:
         def node_name(self):
             return "blocks.0.attn1.to_q.weight"
@@ -122,6 +134,9 @@ def fake_trt(calls: Recorder, io: list[tuple[str, str, tuple, str]], refit_ok: b
             return Error()
 
     trt.ILogger, trt.Runtime, trt.Refitter, trt.OnnxParserRefitter = ILogger, Runtime, Refitter, OnnxParserRefitter
+    trt.Weights = lambda dtype, ptr, count: types.SimpleNamespace(dtype=dtype, ptr=ptr, count=count)
+    trt.TensorLocation = types.SimpleNamespace(DEVICE="DEVICE", HOST="HOST")
+    trt.DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF", BF16="BF16")
     return trt
 
 
@@ -161,10 +176,10 @@ def engine_io(model) -> list[tuple[str, str, tuple, str]]:
 
 
 def make_engine(monkeypatch, options, precision="fp32", built_for="9.0", capability=(9, 0), refit_ok=True,
-                budget=None, gpu="NVIDIA H200"):
+                budget=None, gpu="NVIDIA H200", refittable=()):
     model = StaticWanTransformer(CONFIG, SHAPE).eval()
     calls = Recorder()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(calls, engine_io(model), refit_ok))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(calls, engine_io(model), refit_ok, refittable))
     monkeypatch.setattr(trt_runtime, "CUDA", fake_cuda(calls, capability, gpu))
     entry = make_entry(CONFIG, SHAPE, "tensorrt", precision=precision,
                        device={"type": "cuda", "name": "NVIDIA H200", "compute_capability": built_for},
@@ -334,7 +349,7 @@ def test_fp8_scales_are_stored_in_the_graph_dtype(tmp_path):
 
     config = CONFIG.replace(num_layers=4)
     model = StaticWanTransformer(config, SHAPE).eval().to(torch.bfloat16)
-    path = export_onnx(config, SHAPE, model.constants(), torch.bfloat16, tmp_path, 23)
+    path = export_onnx(config, SHAPE, model.constants(), torch.bfloat16, tmp_path, 23, named_weights=False)
     names = fp8_layer_names(model, config.num_layers)
     insert_fp8_qdq(path, Calibration({n: (2.0, 0.5) for n in names}, 0.0, 1, torch.zeros(1)), torch.bfloat16)
     graph = onnx.load(str(path), load_external_data=False)
@@ -456,3 +471,67 @@ def test_the_torch_weights_are_freed_before_tensorrt_builds(tmp_path, monkeypatc
     assert seen["released before the plan"] == ["weights"]
     assert seen["constants"] == ["rope_cos", "rope_sin", "time_freqs"]  # only the tables were kept
     assert report.results[0].relative_error < 1e-5
+
+
+# -- refittable plans take the model's weights --------------------------------------------------------------
+def test_a_refittable_plan_is_refitted_from_the_models_tensors_and_swaps_in_place(monkeypatch):
+    """Every refittable weight is handed by device pointer from the model's own tensor (not read from
+    the ONNX file); a LoRA swap refits only the tensors that changed."""
+    names = tuple("model." + n for n in StaticWanTransformer(CONFIG, SHAPE).weights())
+    options = {"weights": "front", "weights_layout": "0" * 64, "strip_weights": True}
+    engine, calls, model = make_engine(monkeypatch, options, refittable=names)
+    handed = {c[1]: c[2] for c in calls if c[0] == "set_named_weights"}
+    weights = model.weights()
+    assert set(handed) == set(names) and "refit_from_file" not in calls.names()
+    assert all(handed["model." + n] == t.data_ptr() for n, t in weights.items())
+    assert calls.names().index("refit_cuda_engine") < calls.names().index("create_execution_context")
+    calls.clear()
+    changed = "blocks.0.attn1.to_q.weight"
+    assert engine.update_weights({**weights, changed: weights[changed] * 2})
+    assert [c[1] for c in calls if c[0] == "set_named_weights"] == ["model." + changed]
+    assert calls.names().count("refit_cuda_engine") == 1
+
+
+def test_a_refittable_plan_refuses_a_model_without_one_of_its_weights(monkeypatch):
+    options = {"weights": "front", "weights_layout": "0" * 64, "strip_weights": True}
+    with pytest.raises(trt_runtime.EngineRefused, match="model.extra.weight is not a tensor of the model"):
+        make_engine(monkeypatch, options, refittable=("model.blocks.0.attn1.to_q.weight", "model.extra.weight"))
+
+
+def test_a_plan_holding_its_weights_is_refitted_from_its_file_and_not_in_place(monkeypatch):
+    engine, calls, model = make_engine(monkeypatch, {"strip_weights": True}, refittable=("model.x",))
+    assert "refit_from_file" in calls.names() and "set_named_weights" not in calls.names()
+    assert not engine.update_weights(model.weights())
+
+
+def test_a_refittable_profile_builds_plans_that_take_the_models_weights(tmp_path, monkeypatch):
+    """tensorrt.refittable: every weight is named to the builder as refittable, and the entry is
+    recorded as taking the model's weights (with their layout), so LoRAs and fine-tunes need no rebuild."""
+    import json
+
+    from builder.build import build
+    from builder.init_weights import init_weights
+    from builder.profiles import load_profile
+    from runtime.backends.onnxruntime import OnnxRuntimeEngine
+
+    from .conftest import stand_in_for_tensorrt
+
+    trt_builder = stand_in_for_tensorrt(monkeypatch, lambda entry, plan_path, constants: OnnxRuntimeEngine(
+        entry, Path(plan_path).with_name("model.onnx"), torch.device("cpu"), constants))
+    real, seen = trt_builder.build_plan, {}
+
+    def watching(*args, **kwargs):
+        seen["refit"] = args[7] if len(args) > 7 else kwargs.get("refit_weights")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(trt_builder, "build_plan", watching)
+    init_weights(CONFIG, tmp_path / "w", seed=2)
+    (tmp_path / "p.yaml").write_text("name: t\nmodel: {weights: w}\nprecision: fp32\nbackends: [tensorrt]\n"
+                                     "shapes:\n  - {frames: 5, height: 32, width: 48}\n"
+                                     "tensorrt: {strip_weights: true, refittable: true}\n")
+    report = build(load_profile(tmp_path / "p.yaml"), tmp_path / "out", echo=lambda s: None)
+    assert [r.status for r in report.results] == ["built"], report.table()
+    weights = StaticWanTransformer(CONFIG, SHAPE).weights()  # the names do not depend on the shape
+    assert sorted(seen["refit"]) == sorted("model." + n for n in weights)
+    entry = next(iter(json.loads((tmp_path / "out" / "manifest.json").read_text())["entries"].values()))
+    assert entry["options"]["weights"] == "front" and entry["options"]["refittable"] is True
+    assert len(entry["options"]["weights_layout"]) == 64

@@ -186,8 +186,9 @@ def test_a_byte_flipped_with_its_time_kept_is_refused(built, tmp_path, backend, 
 
 
 def test_weights_changed_in_place_get_a_new_fingerprint(built, tmp_path):
-    """The checkpoint edited in place with its time kept: the engines built from the old weights are
-    refused (an ONNX Runtime engine would serve the old weights)."""
+    """The checkpoint edited in place with its time kept: it is seen as other weights (a new
+    fingerprint), so only entries that take the model's weights serve it, on the changed weights,
+    equal to eager on them (an engine holding the old weights would answer for those)."""
     shutil.copytree(built / "w", tmp_path / "w")
     file = tmp_path / "w" / "diffusion_pytorch_model.safetensors"
     header = 8 + int.from_bytes(file.read_bytes()[:8], "little")
@@ -199,9 +200,10 @@ def test_weights_changed_in_place_get_a_new_fingerprint(built, tmp_path):
         before(x, t, ctx)
         out = after(x, t, ctx).sample
     assert before.last_route.backend != "eager"
-    assert after.last_route.backend == "eager" and "built from other weights" in after.last_route.reason
+    assert before.engines.own_weights and not after.engines.own_weights
+    assert after.last_route.backend != "eager" and "another checkpoint" in after.last_route.reason
     with torch.no_grad():
-        assert relative_error(out, WanTransformer.from_pretrained(tmp_path / "w")(x, t, ctx).sample) == 0
+        assert relative_error(out, WanTransformer.from_pretrained(tmp_path / "w")(x, t, ctx).sample) < 1e-5
 
 
 def test_a_file_copied_over_another_is_hashed_anew(tmp_path):

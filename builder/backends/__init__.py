@@ -7,6 +7,8 @@ loads what it builds, and says:
 - `identity(...)`: the fields, beyond the common ones, that change its engines (they go into the
   entry id); `options(profile)`: what the runtime must know to load them (recorded in the entry);
 - `calibrates(precision)`: whether its engines carry calibrated scales (tied to one set of weights);
+- `front_weights(precision, profile)`: whether its engines run on the weights handed to them at
+  load (any weights of the recorded layout) rather than weights baked in at build;
 - `build(job)`: write the artifact into `job.folder` and return the engine's output on the parity
   inputs, loaded through the runtime backend, with the eager output it must match;
 - `verify_reference(entry, model)`: the reference and tolerance `wan-build verify` uses.
@@ -62,6 +64,12 @@ class BuilderBackend(ABC):
         return {}
 
     def calibrates(self, precision: Precision) -> bool:
+        return False
+
+    def front_weights(self, precision: Precision, profile) -> bool:
+        """Whether its engines of `precision` run on the weights the runtime hands them (recorded as
+        `options.weights = "front"` with the weights' layout), so other weights of the same layout
+        (a fine-tune, merged LoRAs) need no rebuild."""
         return False
 
     @abstractmethod

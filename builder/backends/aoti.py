@@ -44,6 +44,9 @@ def compile_aoti(model: StaticWanTransformer, inputs: tuple[torch.Tensor, ...], 
 class AOTIBuilder(BuilderBackend):
     name = "aoti"
 
+    def front_weights(self, precision, profile) -> bool:
+        return True
+
     def identity(self, profile, device, versions):
         return {"device": device["type"] if device["type"] != "cuda" else device["compute_capability"]}
 

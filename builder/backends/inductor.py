@@ -52,6 +52,9 @@ def compile_block(model: StaticWanTransformer, inputs: tuple[torch.Tensor, ...],
 class InductorBuilder(BuilderBackend):
     name = "inductor"
 
+    def front_weights(self, precision, profile) -> bool:
+        return True
+
     def identity(self, profile, device, versions):
         return {"device": device["type"] if device["type"] != "cuda" else device["compute_capability"],
                 "triton": versions.get("triton"), "python": versions.get("python"), "form": available_form()}

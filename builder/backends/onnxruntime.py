@@ -8,7 +8,7 @@ import torch
 from runtime.backends.onnxruntime import OnnxRuntimeEngine
 from runtime.manifest import ONNX_DATA
 
-from ..build.export import TABLE_INPUTS, export_onnx
+from ..build.export import EXPORT_FORM, export_onnx
 from ..build.folder import share_weights
 from . import BuilderBackend, Job
 
@@ -16,8 +16,11 @@ from . import BuilderBackend, Job
 class OnnxRuntimeBuilder(BuilderBackend):
     name = "onnxruntime"
 
+    def front_weights(self, precision, profile) -> bool:
+        return True
+
     def identity(self, profile, device, versions):
-        return {"onnx_opset": profile.onnx_opset}
+        return {"onnx_opset": profile.onnx_opset, "onnx_export": EXPORT_FORM}
 
     def build(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         model, inputs = job.model, job.inputs
@@ -29,12 +32,9 @@ class OnnxRuntimeBuilder(BuilderBackend):
                            job.profile.onnx_opset, job.echo)
         job.echo("storing the weights file")
         share_weights(job.folder, job.store, ONNX_DATA, job.echo)
-        # The session reads its own copy of the weights from the file just written: the torch copy (and
-        # the checkpoint's mapping) go first, and weight prepacking (a further copy) is off for it.
-        tables = {n: constants[n] for n in TABLE_INPUTS}
-        del constants
-        job.release_weights()
-        job.echo("parity session (ONNX Runtime)")
+        # The parity session runs as the runtime does: on the model's own tensors, handed by name (no
+        # copy; prepacking, a further copy, off), not on a copy read back from the file.
+        job.echo("parity session (ONNX Runtime, on the model's tensors)")
         device = job.device if job.device.type == "cuda" else torch.device("cpu")
-        engine = OnnxRuntimeEngine(job.draft, path, device, tables, prepack=False)
+        engine = OnnxRuntimeEngine(job.draft, path, device, constants, prepack=False)
         return engine(*(t.to(device) for t in inputs)), reference

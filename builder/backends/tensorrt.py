@@ -36,7 +36,7 @@ from runtime.errors import WanBuildError
 from runtime.manifest import FP4_DATA, ONNX_DATA, PLAN_FILE, device_info
 from runtime.precision import Precision
 
-from ..build.export import TABLE_INPUTS, export_onnx
+from ..build.export import TABLE_INPUTS, WEIGHT_PREFIX, export_onnx
 from ..build.folder import locked_file, share_weights, write_atomic
 from ..build.onnx_check import check_for_tensorrt
 from ..build.parity import PARITY_SEED
@@ -102,10 +102,13 @@ class BuildInfo:
 
 
 def build_plan(onnx_path: Path, plan_path: Path, options: TensorRTOptions, cache_dir: Path, gpu_name: str,
-               compute_capability: str, precision: str = "bf16") -> BuildInfo:
+               compute_capability: str, precision: str = "bf16", refit_weights: list[str] | None = None) -> BuildInfo:
     """Parse `onnx_path` and write a serialized plan to `plan_path` (atomically) and its build log.
     fp32 entries clear TF32 (on by default in TensorRT; TF32 GEMMs are 1e-4-1e-3 off, ten to a
-    hundred times the fp32 parity tolerance)."""
+    hundred times the fp32 parity tolerance). `refit_weights`: initializer names made refittable with
+    any values (REFIT_INDIVIDUAL; with strip_weights, STRIP_PLAN leaves exactly those out), so the
+    runtime refits them from the model's tensors; None: REFIT_IDENTICAL on every weight, refitted
+    from the ONNX file."""
     import tensorrt as trt
 
     start = time.perf_counter()
@@ -130,7 +133,22 @@ def build_plan(onnx_path: Path, plan_path: Path, options: TensorRTOptions, cache
     config.builder_optimization_level = options.optimization_level
     config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel,
                                                   HARDWARE_LEVELS[options.hardware_compatibility])
-    if options.strip_weights:
+    if refit_weights is not None:
+        # INetworkDefinition.mark_weights_refittable is in TensorRT 11.4's Python bindings; 10.16's do
+        # not list it (its C++ API has markWeightsRefittable): asked for where it is absent, say so.
+        mark = getattr(network, "mark_weights_refittable", None)
+        if mark is None:
+            raise TensorRTBuildError(f"tensorrt.refittable needs INetworkDefinition.mark_weights_refittable, which "
+                                     f"TensorRT {trt.__version__}'s Python bindings lack; use TensorRT 11, or build "
+                                     "without refittable: true")
+        unmarked = [n for n in refit_weights if not mark(n)]
+        if unmarked:
+            raise TensorRTBuildError(f"TensorRT has no weights named {', '.join(unmarked[:4])} in {onnx_path} "
+                                     f"({len(unmarked)} of {len(refit_weights)}); build without refittable: true")
+        config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+        if options.strip_weights:
+            config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+    elif options.strip_weights:
         config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
     if options.weight_streaming:
@@ -189,7 +207,10 @@ def prepare_tensorrt_onnx(job: Job) -> tuple[Path, torch.Tensor]:
     config = job.profile.config
     constants = model.constants()
     job.echo("eager reference")
-    path = export_onnx(config, entry.shape, constants, model.dtype, folder, job.profile.onnx_opset, job.echo)
+    # FP8/NVFP4: the Q/DQ writers rewrite the folded form (weights stored [in, out]); those plans hold
+    # their weights anyway. Others keep every weight named, for refittable plans.
+    path = export_onnx(config, entry.shape, constants, model.dtype, folder, job.profile.onnx_opset, job.echo,
+                       named_weights=not Precision(entry.precision).quantized)
     seeds = range(PARITY_SEED + 1, PARITY_SEED + 1 + FP8_CALIBRATION_BATCHES)
     calibration_inputs = (model.example_inputs(seed=s, dtype=model.dtype) for s in seeds)
     build = record.setdefault("build", {})
@@ -263,28 +284,35 @@ class TensorRTBuilder(BuilderBackend):
     def calibrates(self, precision: Precision) -> bool:
         return precision.quantized
 
+    def front_weights(self, precision: Precision, profile) -> bool:
+        # calibrated FP8/NVFP4 plans hold weights quantized at build: they stay tied to those
+        return profile.tensorrt.refittable and not precision.quantized
+
     def build(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         problem = opset_problem(job.profile.onnx_opset, trt_version())
         if problem:
             raise TensorRTBuildError(problem)
         constants = job.model.constants()
+        refit = ([WEIGHT_PREFIX + n for n in job.model.weights()]
+                 if self.front_weights(Precision(job.entry.precision), job.profile) else None)
         path, reference = prepare_tensorrt_onnx(job)
         # TensorRT builds from the ONNX file: the torch copy of the weights (host and GPU) and the
-        # checkpoint's mapping go first; the parity run needs the shape tables only.
+        # checkpoint's mapping go first; the parity run needs the shape tables only (a refittable
+        # plan is refitted from the ONNX file there, as its weights were written from these tensors).
         constants = {n: constants[n] for n in TABLE_INPUTS}
         job.release_weights()
         gpu = device_info(job.device)
         job.echo("building the TensorRT plan (minutes to tens of minutes for a 14B model; TensorRT's progress "
                  "goes to build.log)")
         info = build_plan(path, job.folder / PLAN_FILE, job.profile.tensorrt, timing_cache_dir(), gpu["name"],
-                          gpu["compute_capability"], job.entry.precision)
+                          gpu["compute_capability"], job.entry.precision, refit)
         job.record["build"]["tensorrt"] = asdict(info)
         job.record["versions"] = {"tensorrt": info.tensorrt}
         plan = (job.folder / PLAN_FILE).read_bytes()
         job.echo("parity (loading the plan)")
         engine = TensorRTEngine(job.draft, job.folder / PLAN_FILE, plan, job.device, constants,
                                 built_with=info.tensorrt, built_for=gpu["compute_capability"],
-                                options=self.options(job.profile))
+                                options=self.options(job.profile), refit_from="file")
         return engine(*job.inputs), reference
 
 

@@ -38,7 +38,7 @@ from runtime.integrity import file_key, sha256_file, weights_fingerprint
 from runtime.manifest import (ENTRY_FILE, PARITY_FILE, Entry, EngineError, ExpertRecord, FileInfo, Manifest,
                               ParityInfo, device_info, tool_versions)
 from runtime.precision import Precision
-from runtime.static import StaticWanTransformer, parameter_shapes
+from runtime.static import StaticWanTransformer, parameter_shapes, weights_layout
 from runtime.weights import Checkpoint, load_checkpoint, materialize
 
 from ..backends import Job, builder
@@ -297,6 +297,9 @@ def build_files(entry: PlannedEntry, tensors: dict[str, torch.Tensor], profile: 
                   input_infos(model.input_specs(dtype)), input_infos([model.output_spec(dtype)]), {}, tool_versions(),
                   device_info(device), entry.identity["weights"], ParityInfo(math.nan, math.nan, math.nan, math.nan),
                   onnx_opset=entry.identity.get("onnx_opset"), options=backend.options(profile))
+    front = backend.front_weights(Precision(entry.precision), profile)
+    if front:
+        draft = dataclasses.replace(draft, options={**draft.options, "weights": "front"})
     def release_weights() -> None:
         """For phases that need no torch weights (an ONNX Runtime session, a TensorRT build): the build's
         copies and mappings go, and the model's references to them; the caller keeps what it needs."""
@@ -321,8 +324,11 @@ def build_files(entry: PlannedEntry, tensors: dict[str, torch.Tensor], profile: 
     # the large files were hashed as they were stored (share_weights); the memo serves them here
     files = {p.name: FileInfo(sha256_file(p), p.stat().st_size)
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != ENTRY_FILE}
+    options = dict(draft.options)
+    if front:  # the layout of the tensors the engine was handed (after any quantization of the build)
+        options["weights_layout"] = weights_layout(model.weights())
     record = dataclasses.replace(
-        draft, files=files, versions={**draft.versions, **job.record.get("versions", {})}, parity=parity,
+        draft, options=options, files=files, versions={**draft.versions, **job.record.get("versions", {})}, parity=parity,
         allow_mismatch=not parity.passed, quantization_error=quantization_error, build=job.record.get("build", {}),
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         build_seconds=round(time.perf_counter() - start, 2))

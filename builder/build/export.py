@@ -17,6 +17,13 @@ copy of its weights, not two. Weights always go to `model.onnx.data` (external d
 over 2 GB work.
 
 The weights file is then stored once per content (`builder.build.folder.share_weights`).
+
+Named weights: every parameter is an initializer under its own name (`model.<parameter name>`), in
+its own layout. The exporter's optimizer would fold `Transpose(weight)` of each linear layer into a
+new unnamed constant (`val_123`); that folding is turned off for nodes that read a weight, so an
+engine can be handed other weights of the same layout by name (ONNX Runtime `add_initializer`,
+TensorRT refit) and the graph holds no value derived from the weights. Transposes are left to the
+engine's optimizer (ONNX Runtime fuses them into its MatMul/Gemm, TensorRT into its GEMMs).
 """
 
 from __future__ import annotations
@@ -33,9 +40,11 @@ import torch
 
 from runtime.config import WanConfig
 from runtime.manifest import ONNX_FILE
-from runtime.static import StaticShape, StaticWanTransformer
+from runtime.static import SHAPE_TABLES, StaticShape, StaticWanTransformer
 
-TABLE_INPUTS = ("rope_cos", "rope_sin", "time_freqs")
+TABLE_INPUTS = SHAPE_TABLES
+EXPORT_FORM = "named-weights"  # in the identity of entries built from the export (see the module doc)
+WEIGHT_PREFIX = "model."  # initializer names: WEIGHT_PREFIX + the static model's parameter name
 
 
 class TablesAsInputs(torch.nn.Module):
@@ -60,11 +69,14 @@ def onnx_input_names(model: StaticWanTransformer) -> list[str]:
 
 
 def export_onnx(config: WanConfig, shape: StaticShape, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                folder: Path, opset: int = 23, stage: Callable[[str], None] = lambda s: None) -> Path:
+                folder: Path, opset: int = 23, stage: Callable[[str], None] = lambda s: None,
+                named_weights: bool = True) -> Path:
     """Write `folder/model.onnx` (+ `model.onnx.data`, the weights) for `config` at `shape`.
 
     `tensors` are the model's parameters and shape tables (name -> tensor) in their final dtypes.
     Inputs: the static model's, then the tables (`TABLE_INPUTS`). `stage` hears the phases.
+    `named_weights=False`: the optimizer folds freely (linear weights stored transposed, [in, out],
+    under new names), the form the FP8/NVFP4 Q/DQ writers rewrite; those entries hold their weights.
     """
     stage("exporting to ONNX (traced on the meta device)")
     with torch.device("meta"):
@@ -74,19 +86,50 @@ def export_onnx(config: WanConfig, shape: StaticShape, tensors: Mapping[str, tor
     _match_dtypes(meta, tensors)
     inputs = tuple(torch.empty(s.shape, dtype=s.dtype, device="meta") for s in meta.input_specs(dtype))
     inputs += tuple(torch.empty_like(tensors[name], device="meta") for name in TABLE_INPUTS)
-    weights = {f"model.{k}": v for k, v in tensors.items() if k not in TABLE_INPUTS}
+    weights = {f"{WEIGHT_PREFIX}{k}": v for k, v in tensors.items() if k not in TABLE_INPUTS}
     with quiet_torch():
         program = torch.onnx.export(TablesAsInputs(meta).eval(), inputs, dynamo=True, opset_version=opset,
                                     optimize=False, input_names=onnx_input_names(meta),
                                     output_names=list(meta.output_names))
         program.apply_weights(weights)
-        program.optimize()
+        if named_weights:
+            optimize_keeping_weights(program.model, [n for n in weights if n in program.model.graph.initializers])
+        else:
+            program.optimize()
         _forget_rewriter_state()
+    missing = sorted(set(weights) - set(program.model.graph.initializers)) if named_weights else []
+    if missing:
+        raise RuntimeError(f"the ONNX export lost the named weights {', '.join(missing[:4])}"
+                           + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ONNX_FILE
     stage("writing the ONNX file")
     program.save(str(path), external_data=True)
     return path
+
+
+def optimize_keeping_weights(model, names) -> None:
+    """The exporter's graph optimizer (constant folding, rewrites, common subexpressions), with the
+    weights `names` kept as they are: during the optimization they are graph inputs without a value,
+    so nothing is folded from them and no two of them are merged (its deduplication pass would merge
+    weights that happen to be equal, such as norms still at their initial ones), then they become
+    initializers again (see the module doc)."""
+    from onnxscript import optimizer
+
+    graph = model.graph
+    held = []
+    for name in names:
+        value = graph.initializers.pop(name)
+        held.append((value, value.const_value))
+        value.const_value = None
+        graph.inputs.append(value)
+    try:
+        optimizer.optimize_ir(model)
+    finally:
+        for value, data in held:
+            graph.inputs.remove(value)
+            value.const_value = data
+            graph.register_initializer(value)
 
 
 def _forget_rewriter_state() -> None:

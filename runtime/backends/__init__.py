@@ -70,6 +70,11 @@ class Engine(ABC):
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The engine's output for inputs already checked and laid out as it was built for."""
 
+    def update_weights(self, weights: Mapping[str, torch.Tensor]) -> bool:
+        """Run on `weights` (the model's tensors by name, same layout) from the next call on, without
+        reloading; False when this engine cannot, and is then reloaded on its next use."""
+        return False
+
     def release(self) -> None:
         """Free what the engine holds (device memory) now; the engine set drops it afterwards."""
 

@@ -1,7 +1,8 @@
 """AOTInductor packages (`engine.pt2`) compiled without their weights.
 
 The package holds only compiled code; the weights are handed in at load as the front's own
-tensors (`user_managed=True`), so every shape's package shares one copy of the weights. A package
+tensors (`user_managed=True`), so every shape's package shares one copy of the weights, and other
+weights of the same layout (merged LoRAs) are handed in again in place (`update_weights`). A package
 is a shared library that runs when loaded: it is loaded from the very bytes whose sha256 was just
 checked against the manifest, never from the path again.
 
@@ -32,7 +33,18 @@ class AOTIEngine(Engine):
         missing = [n for n in names if n not in constants]
         if missing:
             raise RuntimeError(f"the model has no tensors for {', '.join(missing[:5])}")
-        runner.load_constants({n: constants[n] for n in names}, check_full_update=True, user_managed=True)
+        self._constants = {n: constants[n] for n in names}
+        runner.load_constants(self._constants, check_full_update=True, user_managed=True)
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor]) -> bool:
+        """Hand the package other tensors of the same layout (merged LoRAs): pointers only, no copy."""
+        new = {n: weights.get(n, t) for n, t in self._constants.items()}
+        if any(new[n].shape != t.shape or new[n].dtype != t.dtype or new[n].device != t.device
+               for n, t in self._constants.items()):
+            return False
+        self._runner.load_constants(new, check_full_update=True, user_managed=True)
+        self._constants = new
+        return True
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         out = self._runner(*inputs)

@@ -83,6 +83,17 @@ class InductorEngine(Engine):
         self.form = form
         self.fell_back: str | None = None
 
+    def update_weights(self, weights: Mapping[str, torch.Tensor]) -> bool:
+        """The compiled block takes the block's tensors as inputs: new tensors need no recompile."""
+        params = dict(self.model.named_parameters())
+        if any(n in params and (t.shape != params[n].shape or t.dtype != params[n].dtype)
+               for n, t in weights.items()):
+            return False
+        for name, tensor in weights.items():
+            if name in params:
+                params[name].data = tensor
+        return True
+
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(False), torch.no_grad():
             inputs = tuple(t.clone() if t.is_inference() else t for t in inputs)

@@ -5,7 +5,10 @@ level and precision are compared with this machine's (`compatibility_problem`) a
 refused with the reason (the front then falls back). A plan TensorRT will not deserialize (`None`) is
 refused with the logger's text. Then, all on the engine's own device (`torch.cuda.device`):
 - weight-stripped plans are refitted from the entry's ONNX weights (`OnnxParserRefitter`; its own
-  parse errors are reported);
+  parse errors are reported); refittable plans (`tensorrt.refittable`, REFIT_INDIVIDUAL on every
+  weight) are refitted from the model's own tensors instead (`Refitter.set_named_weights` with
+  device pointers), so they serve any weights of their layout, and `update_weights` refits only
+  the tensors that changed (a LoRA swap) in place;
 - plans built for weight streaming get their budget (`weight_streaming_budget_v2`) before the
   execution context exists: TensorRT's automatic budget, or one from the profile or the call
   (`weight_streaming_budget_gb`); TensorRT's default would keep every weight resident;
@@ -40,6 +43,8 @@ log = logging.getLogger("wan_build.runtime")
 
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                 "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8}
+TRT_DTYPES_BY_NAME = {torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF16"}
+WEIGHT_PREFIX = "model."  # a weight's ONNX initializer (and TensorRT weight) name: this + its parameter name
 HARDWARE_LEVELS = ("none", "same_compute_capability", "ampere_plus")
 LOGGED = ("INTERNAL_ERROR", "ERROR", "WARNING")  # what the logger keeps (not the verbose build chatter)
 
@@ -167,7 +172,10 @@ class TensorRTEngine(Engine):
 
     def __init__(self, entry: Entry, plan_path: Path, plan: bytes, device: torch.device,
                  constants: Mapping[str, torch.Tensor] | None, *, built_with: str | None, built_for: str | None,
-                 options: Mapping[str, object], streaming_budget_gb: float | None = None):
+                 options: Mapping[str, object], streaming_budget_gb: float | None = None,
+                 refit_from: str = "model"):
+        """`refit_from`: where a refittable plan takes its weights, "model" (`constants`, what the
+        runtime does) or "file" (the entry's ONNX weights, what the build's parity run does)."""
         import tensorrt as trt
 
         super().__init__(entry, device)
@@ -194,7 +202,11 @@ class TensorRTEngine(Engine):
             if self.engine is None:
                 raise EngineRefused(f"TensorRT could not deserialize {plan_path}: "
                                     + ("; ".join(self._logger.errors()) or "no reason logged"))
-            if options.get("strip_weights", False):
+            self._refitter = None
+            self._handed: dict[str, torch.Tensor] = {}
+            if entry.front_weights and refit_from == "model":
+                self._refit_from_model(trt, constants or {})
+            elif options.get("strip_weights", False):
                 self._refit(trt, Path(plan_path).with_name(ONNX_FILE))
             if streaming:
                 self.streaming_budget = self._set_streaming_budget(
@@ -234,6 +246,48 @@ class TensorRTEngine(Engine):
         if not refitter.refit_cuda_engine():
             raise EngineRefused(f"refitting the weight-stripped plan from {onnx_path} failed: "
                                 + ("; ".join(self._logger.errors()) or "no reason logged"))
+
+    def _refit_from_model(self, trt, weights: Mapping[str, torch.Tensor], only: set[str] | None = None) -> None:
+        """Refit the plan's refittable weights from the model's tensors (all of them, or `only`)."""
+        if self._refitter is None:
+            self._refitter = trt.Refitter(self.engine, self._logger)
+        names = [n for n in self._refitter.get_all_weights() if only is None or n in only]
+        kept = {}
+        for name in names:
+            tensor = weights.get(name[len(WEIGHT_PREFIX):]) if name.startswith(WEIGHT_PREFIX) else None
+            if tensor is None:
+                raise EngineRefused(f"the plan's refittable weight {name} is not a tensor of the model")
+            if tensor.dtype not in TRT_DTYPES_BY_NAME:
+                raise EngineRefused(f"the model's {name} is {tensor.dtype}; refittable plans take "
+                                    f"{', '.join(map(str, TRT_DTYPES_BY_NAME))} weights")
+            tensor = CUDA.to_device(tensor.detach(), self.device).contiguous()
+            kept[name] = tensor
+            dtype = getattr(trt.DataType, TRT_DTYPES_BY_NAME[tensor.dtype])
+            ok = self._refitter.set_named_weights(name, trt.Weights(dtype, tensor.data_ptr(), tensor.numel()),
+                                                  trt.TensorLocation.DEVICE)
+            if ok is False:
+                raise EngineRefused(f"TensorRT refused the model's {name} {list(tensor.shape)} {tensor.dtype}: "
+                                    + ("; ".join(self._logger.errors()) or "no reason logged"))
+        missing = list(self._refitter.get_missing_weights())
+        if missing:
+            raise EngineRefused(f"refitting from the model: TensorRT still misses {', '.join(missing[:4])}")
+        if not self._refitter.refit_cuda_engine():
+            raise EngineRefused("refitting from the model's tensors failed: "
+                                + ("; ".join(self._logger.errors()) or "no reason logged"))
+        self._handed.update(kept)  # TensorRT has read them; kept until the next refit as a precaution
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor]) -> bool:
+        """A refittable plan refits the tensors that changed (by identity) in place; others reload."""
+        if self._refitter is None:
+            return False
+        import tensorrt as trt
+
+        changed = {WEIGHT_PREFIX + n for n, t in weights.items()
+                   if WEIGHT_PREFIX + n in self._handed and t.data_ptr() != self._handed[WEIGHT_PREFIX + n].data_ptr()}
+        if changed:
+            with CUDA.device(self.device):
+                self._refit_from_model(trt, weights, changed)
+        return True
 
     def _set_streaming_budget(self, budget_gb) -> int:
         """Bytes of weights kept on the GPU: TensorRT's automatic budget unless one is given."""

@@ -119,8 +119,9 @@ class WanTransformer(nn.Module):
         elsewhere; needs an Ada, Hopper or Blackwell GPU).
 
         `engines`: an engine folder built by `wan-build build`. Its entries for these weights (by
-        fingerprint), this precision and this machine serve the calls of their shapes; every other
-        call falls back to eager. Entries that cannot be used are refused with a logged reason;
+        fingerprint), this precision and this machine serve the calls of their shapes; for other
+        weights of the same model (a fine-tune), the entries that take the model's weights do
+        (`runtime.engines`); every other call falls back to eager. Entries that cannot be used are refused with a logged reason;
         `strict=True` raises instead. `backends` limits and orders the backends tried. Every engine
         file is hashed in full before its first use in this process; `full_check` also re-hashes every
         entry's files at open. `trusted="sha256:..."` (from `wan-build verify --print-digest`) refuses

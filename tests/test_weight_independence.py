@@ -106,3 +106,30 @@ def test_an_entry_of_another_layout_is_not_handed_these_tensors(folder, tmp_path
     out = run(model)
     assert model.last_route.backend == "eager" and "another weights layout" in model.last_route.reason
     assert torch.equal(out, run(WanTransformer.from_pretrained(folder / "other")))
+
+
+def test_two_experts_serve_their_own_loras_from_engines(tmp_path):
+    """load_engines(loras={"high_noise": ..., "low_noise": ...}): each expert's engine serves its own
+    merged weights (Wan2.2 LoRAs come in high/low pairs), equal to eager on them."""
+    from runtime import load_engines
+
+    from .test_lora import make_lora
+
+    config = get_preset("tiny-i2v-a14b")
+    high, low = init_weights(config, tmp_path / "w", seed=3)
+    (tmp_path / "p.yaml").write_text(f"name: two\nmodel:\n  experts: {{high_noise: {high}, low_noise: {low}, "
+                                     f"boundary: {config.boundary}}}\n  preset: tiny-i2v-a14b\nprecision: fp32\n"
+                                     "backends: onnxruntime\nshapes:\n  - {frames: 5, height: 32, width: 48}\n"
+                                     "device: cpu\n")
+    report = build(load_profile(tmp_path / "p.yaml"), tmp_path / "engines", echo=lambda s: None)
+    assert [r.status for r in report.results] == ["built"] * 2, report.table()
+    a = make_lora(config, tmp_path / "a.safetensors", "diffusers", seed=1)
+    b = make_lora(config, tmp_path / "b.safetensors", "original", seed=2)
+    router = load_engines(tmp_path / "engines", loras={"high_noise": [(a, 1.0)], "low_noise": [(b, 0.5)]})
+    x, _, ctx, image = make_inputs(config, 1, LATENT)
+    for t, folder, loras in ((950.0, high, [(a, 1.0)]), (100.0, low, [(b, 0.5)])):
+        with torch.no_grad():
+            out = router(x, torch.tensor([t]), ctx, image).sample
+            eager = WanTransformer.from_pretrained(folder, loras=loras)(x, torch.tensor([t]), ctx, image).sample
+        assert router.last_route.backend == "onnxruntime", router.last_route
+        assert relative_error(out, eager) < 1e-5

@@ -81,6 +81,8 @@ class WanTransformer(nn.Module):
         self.max_cached_shapes = max(1, int(max_cached_shapes))
         self.last_route: Route | None = None
         self._cache_context: str | None = None
+        self.cache_policy = None  # runtime.cache.CachePolicy, from enable_cache
+        self.last_step = None  # runtime.cache.Step of the last cached call
         self._eager: OrderedDict[StaticShape, StaticWanTransformer] = OrderedDict()
         self._warned_attention_kwargs = False
         self._warned_nonfinite = False
@@ -288,13 +290,38 @@ class WanTransformer(nn.Module):
             return None
 
     @contextlib.contextmanager
-    def cache_context(self, name: str) -> Iterator[None]:
-        """diffusers pipelines wrap the cond and uncond calls in this; the name is kept for step caching."""
+    def cache_context(self, name: str, **fields: Any) -> Iterator[None]:
+        """diffusers pipelines wrap the cond and uncond calls in this (with the step's fields, which
+        the policies here do not need); a cache policy keeps one state per name."""
         previous, self._cache_context = self._cache_context, name
         try:
             yield
         finally:
             self._cache_context = previous
+
+    # -- step caching (runtime.cache) ----------------------------------------------------------------
+    def enable_cache(self, config: Any) -> None:
+        """Step caching with diffusers' `FirstBlockCacheConfig` or `MagCacheConfig`, deciding each
+        step as diffusers' hooks on `WanTransformer3DModel` do (see `runtime.cache`)."""
+        from .cache import policy_for
+
+        if self.cache_policy is not None:
+            raise InputError(f"caching is enabled already ({self.cache_policy.name}); call disable_cache() first")
+        self.cache_policy = policy_for(config)
+
+    def disable_cache(self) -> None:
+        if self.cache_policy is None:
+            log.warning("disable_cache: caching was not enabled")
+        self.cache_policy = None
+
+    @property
+    def is_cache_enabled(self) -> bool:
+        return self.cache_policy is not None
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """What diffusers' pipelines call at the end of a generation: every context's state goes."""
+        if self.cache_policy is not None:
+            self.cache_policy.reset()
 
     # -- calls --------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
@@ -318,6 +345,8 @@ class WanTransformer(nn.Module):
 
     def run(self, shape: StaticShape, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Serve prepared inputs: the engine built for `shape`, else the eager static model."""
+        if self.cache_policy is not None:
+            return self._run_cached(shape, inputs)
         if self.engines is not None:
             engine, entry, reason = self.engines.route(shape, self.precision, self.device,
                                                        lambda: self._eager_model(shape)[0], self._lora_note())
@@ -342,6 +371,41 @@ class WanTransformer(nn.Module):
             how += f"; torch.compile failed ({self._compile_failed[shape]})"
         self.last_route = Route("eager", shape, f"{reason}; {how}")
         return model(*inputs)
+
+    def _run_cached(self, shape: StaticShape, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """A call under a cache policy: the prologue, the blocks the policy asks for, the epilogue,
+        on the eager (or compiled) static model of the shape."""
+        policy, steps = self.cache_policy, []
+
+        def parts(model: StaticWanTransformer, *args: torch.Tensor) -> torch.Tensor:
+            x, contexts, temb, temb_proj = model.prologue(*args)
+            x, step = policy(x, lambda h, start, stop: model.run_blocks(h, contexts, temb_proj, start, stop),
+                             len(model.blocks), self._cache_context)
+            steps.append(step)
+            return model.epilogue(x, temb)
+
+        where = f" in context {self._cache_context}" if self._cache_context else ""
+        note = f"; {self._lora_note()}" if self._loras else ""
+        if self.engines is not None:
+            engine, entry, reason = self.engines.route(shape, self.precision, self.device,
+                                                       lambda: self._eager_model(shape)[0], self._lora_note())
+            if engine is not None and engine.run_parts is not None:
+                out = engine.run_parts(inputs, parts)
+                self.last_step = steps[-1]
+                self.last_route = Route(entry.backend, shape, f"{policy.name}{where}: {steps[-1].describe()} "
+                                        f"(through the engine's compiled block); {reason}{note}")
+                return out
+            why = (f"engine {entry.id} ({entry.backend}) runs whole forwards only" if engine is not None
+                   else reason)
+        model, how = self._eager_model(shape)
+        out = parts(model, *inputs)
+        self.last_step = steps[-1]
+        reason = f"{policy.name}{where}: {steps[-1].describe()}; {how}"
+        if self.engines is not None:
+            reason += f"; {why}, so cached calls run the static model (an inductor entry serves them)"
+        backend = "compiled" if self.compile_blocks and shape not in self._compile_failed else "eager"
+        self.last_route = Route(backend, shape, reason + note)
+        return out
 
     def _eager_model(self, shape: StaticShape) -> tuple[StaticWanTransformer, str]:
         model = self._eager.get(shape)

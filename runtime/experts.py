@@ -8,8 +8,9 @@ folder with the weights its manifest names.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -66,6 +67,32 @@ class WanExpertRouter(nn.Module):
             self.high_noise.set_loras(high_noise)
         if low_noise is not None:
             self.low_noise.set_loras(low_noise)
+
+    # -- step caching: each expert keeps its own policy state ----------------------------------------
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **fields: Any) -> Iterator[None]:
+        with self.high_noise.cache_context(name, **fields), self.low_noise.cache_context(name, **fields):
+            yield
+
+    def enable_cache(self, config: Any) -> None:
+        """The same cache config on both experts, each with its own state (see `runtime.cache`)."""
+        from .cache import policy_for
+
+        policy_for(config)  # an unsupported config changes neither expert
+        for expert in (self.high_noise, self.low_noise):
+            expert.enable_cache(config)
+
+    def disable_cache(self) -> None:
+        for expert in (self.high_noise, self.low_noise):
+            expert.disable_cache()
+
+    @property
+    def is_cache_enabled(self) -> bool:
+        return self.high_noise.is_cache_enabled
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        for expert in (self.high_noise, self.low_noise):
+            expert._reset_stateful_cache()
 
     def forward(self, hidden_states: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_image: torch.Tensor | None = None, return_dict: bool = True,

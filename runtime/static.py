@@ -477,12 +477,20 @@ class StaticWanTransformer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        text = self.condition_embedder.text_embedder(encoder_hidden_states)
-        return self._run(hidden_states, timestep, (text,), encoder_hidden_states.dtype)
+        x, contexts, temb, temb_proj = self.prologue(hidden_states, timestep, encoder_hidden_states)
+        for block in self.blocks:  # through `block_call`, which an engine may replace with its compiled block
+            x = self.block_call(block, x, contexts, temb_proj, self.rope_cos, self.rope_sin)
+        return self.epilogue(x, temb)
 
-    def _run(self, hidden_states: torch.Tensor, timestep: torch.Tensor, contexts: tuple[torch.Tensor, ...],
-             dtype: torch.dtype) -> torch.Tensor:
+    def contexts(self, encoder_hidden_states: torch.Tensor, *image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.condition_embedder.text_embedder(encoder_hidden_states),)
+
+    def prologue(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 *image: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """Everything before the blocks: (tokens [B, L, d], contexts, temb [B, T, d], temb_proj [B, T, 6, d])."""
         ce = self.condition_embedder
+        contexts = self.contexts(encoder_hidden_states, *image)
+        dtype = encoder_hidden_states.dtype
         # 1. Patch embedding: [B, C, F, H, W] -> [B, L, C * pt * ph * pw] -> [B, L, d]
         x = hidden_states.reshape(self._patches).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(
             self._patches[0], self._tokens, -1)
@@ -493,12 +501,17 @@ class StaticWanTransformer(nn.Module):
         sinusoid = torch.cat((angles.cos(), angles.sin()), dim=-1)
         temb = ce.time_embedder(sinusoid.to(ce.time_embedder.linear_1.weight.dtype)).to(dtype)
         temb_proj = ce.time_proj(F.silu(temb)).unflatten(-1, (6, -1))  # [B, T, 6, d]
+        return x, contexts, temb, temb_proj
 
-        # 3. Blocks (through `block_call`, which an engine may replace with its compiled block)
-        for block in self.blocks:
+    def run_blocks(self, x: torch.Tensor, contexts: tuple[torch.Tensor, ...], temb_proj: torch.Tensor,
+                   start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Blocks `start` .. `stop` - 1 on the tokens `x` (what step caching runs a part of)."""
+        for block in self.blocks[start:stop]:
             x = self.block_call(block, x, contexts, temb_proj, self.rope_cos, self.rope_sin)
+        return x
 
-        # 4. Head: modulated LayerNorm, projection, unpatchify [B, L, pt*ph*pw*C] -> [B, C, F, H, W]
+    def epilogue(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The head: modulated LayerNorm, projection, unpatchify [B, L, pt*ph*pw*C] -> [B, C, F, H, W]."""
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # [B, T, d]
         x = (F.layer_norm(x.float(), (x.shape[-1],), eps=self.config.eps) * (1 + scale) + shift).type_as(x)
         x = self.proj_out(x)
@@ -512,7 +525,12 @@ class StaticWanImageTransformer(StaticWanTransformer):
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_image: torch.Tensor) -> torch.Tensor:
+        x, contexts, temb, temb_proj = self.prologue(hidden_states, timestep, encoder_hidden_states,
+                                                     encoder_hidden_states_image)
+        for block in self.blocks:
+            x = self.block_call(block, x, contexts, temb_proj, self.rope_cos, self.rope_sin)
+        return self.epilogue(x, temb)
+
+    def contexts(self, encoder_hidden_states: torch.Tensor, *image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ce = self.condition_embedder
-        text = ce.text_embedder(encoder_hidden_states)
-        image = ce.image_embedder(encoder_hidden_states_image)
-        return self._run(hidden_states, timestep, (text, image), encoder_hidden_states.dtype)
+        return (ce.text_embedder(encoder_hidden_states), ce.image_embedder(image[0]))

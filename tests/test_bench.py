@@ -90,3 +90,21 @@ def test_quantization_error_harness_runs_tiny(tmp_path):
         assert q["fp8_model"].startswith("not measured")
     else:
         assert 1e-3 < q["fp8_model"] < 0.05, q["fp8_model"]  # 7.5e-3 measured
+
+
+def test_step_cache_benchmark_runs_tiny(tmp_path):
+    """bench/step_cache.py at toy size: every run is printed and recorded, ours matches diffusers'
+    hooks with the same config, and the policies do skip."""
+    pytest.importorskip("diffusers")
+    out = tmp_path / "c.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "step_cache.py"), "--preset", "tiny-t2v", "--steps", "6",
+                        "--latent", "2,4,6", "--threshold-fbc", "0.6", "--threshold-mag", "0.3", "--no-engine",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["policy"], x["run"]) for x in rows] == [
+        ("none", "diffusers"), ("none (MagCache calibrate)", "ours eager"), ("First-Block-Cache", "diffusers"),
+        ("First-Block-Cache", "ours eager"), ("MagCache", "diffusers"), ("MagCache", "ours eager")]
+    ours = [x for x in rows if x["run"] == "ours eager" and x["policy"] != rows[1]["policy"]]
+    assert all(x["skipped"] > 0 and x["error_vs_diffusers"] < 1e-5 for x in ours), ours
+    assert "First-Block-Cache" in r.stdout and "x none" in r.stdout

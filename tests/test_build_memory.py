@@ -63,20 +63,20 @@ def test_the_onnxruntime_parity_session_runs_on_the_builds_own_tensors(tmp_path,
         made.extend(tensors.values())
         return tensors
 
-    def engine(entry, path, device, constants, prepack=True):
+    def engine(entry, path, device, constants, prepack=True, arena=True):
         pointers = {t.data_ptr() for t in made}
         weights = {n: t for n, t in constants.items() if n not in TABLE_INPUTS}
         seen["every weight"] = len(weights) == len(made) > 10
         seen["the build's own"] = all(t.data_ptr() in pointers for t in weights.values())
-        seen["prepack"] = prepack
+        seen["prepack"], seen["arena"] = prepack, arena
         seen["front"] = entry.options.get("weights") == "front"
-        return real(entry, path, device, constants, prepack=prepack)
+        return real(entry, path, device, constants, prepack=prepack, arena=arena)
 
     monkeypatch.setattr(build_module, "materialize", materialize)
     monkeypatch.setattr(ort_builder, "OnnxRuntimeEngine", engine)
     report = build(load_profile(tmp_path / "p.yaml"), tmp_path / "out", echo=lambda s: None)
     assert [r.status for r in report.results] == ["built"], report.table()
-    assert seen == {"every weight": True, "the build's own": True, "prepack": False, "front": True}
+    assert seen == {"every weight": True, "the build's own": True, "prepack": False, "arena": False, "front": True}
 
 
 @pytest.mark.slow  # about 30 s on 2 cores

@@ -58,13 +58,21 @@ class Engine(ABC):
         self._specs = tuple((i.name, i.shape, getattr(torch, i.dtype)) for i in entry.inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.run(*self.checked(inputs))
+
+    def checked(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The inputs, checked against the entry and laid out as the engine was built for."""
         if len(inputs) != len(self._specs):
             raise ValueError(f"engine {self.entry.id} takes {len(self._specs)} inputs, got {len(inputs)}")
         for (name, shape, dtype), t in zip(self._specs, inputs):
             if tuple(t.shape) != shape or t.dtype != dtype:
                 raise ValueError(f"engine {self.entry.id}: {name} is {list(t.shape)} {t.dtype}, "
                                  f"the engine was built for {list(shape)} {dtype}")
-        return self.run(*(engine_input(t) for t in inputs))
+        return tuple(engine_input(t) for t in inputs)
+
+    # Engines whose blocks run apart from the rest (the `inductor` kind) serve step-cached calls:
+    # `run_parts(inputs, parts)` runs `parts(static_model, *inputs)` on the engine's own model.
+    run_parts = None
 
     @abstractmethod
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:

@@ -95,11 +95,19 @@ class InductorEngine(Engine):
         return True
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self._serve(lambda model, *args: model(*args), inputs)
+
+    def run_parts(self, inputs: tuple[torch.Tensor, ...], parts: Callable) -> torch.Tensor:
+        """`parts(model, *inputs)` on this engine's model: a step-cached call runs the prologue, the
+        blocks its policy asks for (each through the compiled block) and the epilogue."""
+        return self._serve(parts, self.checked(inputs))
+
+    def _serve(self, fn: Callable, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         with torch.inference_mode(False), torch.no_grad():
             inputs = tuple(t.clone() if t.is_inference() else t for t in inputs)
             if self.fell_back is None:
                 try:
-                    return self.model(*inputs)
+                    return fn(self.model, *inputs)
                 except RuntimeError as e:  # a guard of the compiled block did not hold
                     text = " ".join(str(e).split())
                     reason = text.split("verbose_code_parts=", 1)[-1][:300]
@@ -109,7 +117,7 @@ class InductorEngine(Engine):
                     self.model.block_call = call_block
                     for block in self.model.blocks:
                         block._compiled_call_impl = None
-            return self.model(*inputs)
+            return fn(self.model, *inputs)
 
 
 class InductorBackend(Backend):

@@ -61,9 +61,11 @@ class OnnxRuntimeEngine(Engine):
     are the shape tables, fed from `constants`."""
 
     def __init__(self, entry: Entry, path: Path, device: torch.device, constants: Mapping[str, torch.Tensor],
-                 prepack: bool = True):
+                 prepack: bool = True, arena: bool = True):
         """`prepack=False` keeps ONNX Runtime from repacking the weights into a second copy (slower
-        matmuls, one copy less: what the build's parity session uses)."""
+        matmuls, one copy less); `arena=False` returns what a run allocated when it ends (on the CPU,
+        where fp16 graphs cast their weights to fp32 at run time, the arena would keep those casts:
+        two more copies). The build's parity session uses both; served sessions neither."""
         import onnxruntime as ort
 
         super().__init__(entry, device)
@@ -71,6 +73,9 @@ class OnnxRuntimeEngine(Engine):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not prepack:
             options.add_session_config_entry("session.disable_prepacking", "1")
+        if not arena:
+            options.enable_cpu_mem_arena = False
+            options.enable_mem_pattern = False
         if self.device.type == "cuda":
             problem = cuda_provider_problem()
             if problem:

@@ -1,0 +1,150 @@
+"""Step caching on the CPU mid config: a classifier-free-guided denoising loop per cache policy, ours
+vs diffusers' own hooks vs no cache, side by side in one run.
+
+The loop is what diffusers' Wan pipelines run (FlowMatchEulerDiscreteScheduler, cond and uncond
+calls in their cache contexts, the cache reset at the end); latents of the mid config (`mid-i2v`:
+16 noise channels plus 20 condition channels), seeded random weights. Runs, in this order:
+diffusers without a cache; ours with `MagCacheConfig(calibrate=True)` (skips nothing: the uncached
+reference, and the checkpoint's magnitude ratios); then for First-Block-Cache and MagCache (with
+those ratios) diffusers' hook and ours, eager, and ours on an `inductor` engine built for the shape.
+Reported per run: wall time, time against diffusers uncached, calls that skipped blocks, and the
+final latents' relative error against the uncached run and against diffusers with the same policy.
+Seeded random weights give no quality verdict: the latent error is the only quality figure here.
+
+    python bench/step_cache.py [--steps 40] [--latent 3,30,52] [--threshold-fbc 0.05] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="mid-i2v")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--latent", default="3,30,52", help="latent frames,height,width (BENCHMARKING's is 9,30,52)")
+    parser.add_argument("--threshold-fbc", type=float, default=0.05, help="First-Block-Cache threshold (diffusers' default)")
+    parser.add_argument("--threshold-mag", type=float, default=0.06, help="MagCache threshold (diffusers' default)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-engine", action="store_true", help="skip building and running the inductor entry")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
+
+    from builder.build import build
+    from builder.init_weights import init_weights
+    from builder.profiles import load_profile
+    from runtime import WanTransformer, get_preset
+
+    torch.set_num_threads(args.threads)
+    config = get_preset(args.preset)
+    f, h, w = (int(v) for v in args.latent.split(","))
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, config.out_channels, f, h, w, generator=g)
+    condition = torch.randn(1, config.in_channels - config.out_channels, f, h, w, generator=g)
+    prompt = torch.randn(1, 512, config.text_dim, generator=g)
+    negative = torch.randn(1, 512, config.text_dim, generator=g)
+
+    def denoise(model) -> tuple[torch.Tensor, float]:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+        scheduler.set_timesteps(args.steps)
+        latents = noise.clone()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i, t in enumerate(scheduler.timesteps):
+                x = torch.cat([latents, condition], dim=1)
+                fields = {"step_index": i, "num_inference_steps": args.steps}
+                with model.cache_context("cond", **fields):
+                    cond = model(x, t.expand(1), prompt, return_dict=False)[0]
+                with model.cache_context("uncond", **fields):
+                    uncond = model(x, t.expand(1), negative, return_dict=False)[0]
+                latents = scheduler.step(uncond + 5.0 * (cond - uncond), t, latents, return_dict=False)[0]
+        seconds = time.perf_counter() - start
+        model._reset_stateful_cache()
+        return latents, seconds
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        init_weights(config, root / "weights", seed=0)
+        theirs = WanTransformer3DModel.from_pretrained(root / "weights").eval()
+        ours = WanTransformer.from_pretrained(root / "weights")
+        engine = None
+        if not args.no_engine:
+            video = ((f - 1) * config.vae_temporal_stride + 1, h * config.vae_spatial_stride, w * config.vae_spatial_stride)
+            (root / "p.yaml").write_text(
+                "name: cache\nmodel: {weights: weights}\nprecision: fp32\nbackends: inductor\n"
+                f"shapes:\n  - {{frames: {video[0]}, height: {video[1]}, width: {video[2]}}}\ntext_tokens: 512\n"
+                "device: cpu\n")
+            build(load_profile(root / "p.yaml"), root / "engines", echo=lambda s: None)
+            engine = WanTransformer.from_pretrained(root / "weights", engines=root / "engines", backends=["inductor"])
+
+        baseline, base_s = denoise(theirs)
+        rows.append(("none", "diffusers", base_s, 0, 2 * args.steps, 0.0, None))
+        calibrate = MagCacheConfig(calibrate=True, num_inference_steps=args.steps)
+        ours.enable_cache(calibrate)
+        policy = ours.cache_policy
+        reference, s = denoise(ours)
+        ours.disable_cache()
+        ratios = policy.calibration["cond"]
+        rows.append(("none (MagCache calibrate)", "ours eager", s, 0, policy.calls,
+                     rel(reference, baseline), None))
+
+        def err(x):
+            return rel(x, reference)
+
+        policies = [("First-Block-Cache", FirstBlockCacheConfig(threshold=args.threshold_fbc)),
+                    ("MagCache", MagCacheConfig(threshold=args.threshold_mag, num_inference_steps=args.steps,
+                                                mag_ratios=ratios))]
+        for name, cfg in policies:
+            theirs.enable_cache(cfg)
+            expected, s = denoise(theirs)
+            theirs.disable_cache()
+            rows.append((name, "diffusers", s, None, 2 * args.steps, err(expected), None))
+            for label, model in (("ours eager", ours), ("ours inductor engine", engine)):
+                if model is None:
+                    continue
+                model.enable_cache(cfg)
+                policy = model.cache_policy
+                got, s = denoise(model)
+                model.disable_cache()
+                if label.endswith("engine") and model.last_route.backend != "inductor":
+                    raise SystemExit(f"the cached calls did not run on the engine: {model.last_route}")
+                rows.append((name, label, s, policy.skipped, policy.calls, err(got), rel(got, expected)))
+
+    print(f"{args.preset}, latent {f}x{h}x{w}, {args.steps} steps with CFG ({2 * args.steps} calls), fp32, "
+          f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads")
+    print(f"{'policy':28s} {'run':22s} {'seconds':>8s} {'x none':>7s} {'skipped':>9s} {'err vs none':>12s} "
+          f"{'vs diffusers':>13s}")
+    for policy, run, s, skipped, calls, e, d in rows:
+        skip = "-" if skipped is None else f"{skipped}/{calls}"
+        print(f"{policy:28s} {run:22s} {s:8.2f} {s / base_s:7.2f} {skip:>9s} {e:12.2e} "
+              f"{'-' if d is None else f'{d:.1e}':>13s}")
+    print("x none: against diffusers without a cache; err vs none: final latents against ours uncached; "
+          "vs diffusers: against diffusers' hook with the same config (the same skip decisions give ~1e-7)")
+    if args.json:
+        args.json.write_text(json.dumps({"preset": args.preset, "latent": [f, h, w], "steps": args.steps,
+                                         "threads": args.threads, "torch": torch.__version__, "mag_ratios": ratios,
+                                         "rows": [dict(zip(("policy", "run", "seconds", "skipped", "calls",
+                                                            "error_vs_uncached", "error_vs_diffusers"), r))
+                                                  for r in rows]}, indent=2) + "\n")
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+if __name__ == "__main__":
+    main()

@@ -135,3 +135,21 @@ def test_a_build_warns_when_the_machine_has_too_little_memory(tmp_path, monkeypa
     monkeypatch.setattr("builder.planning.costs.available_host_bytes", lambda: 1e15)
     build(load_profile(tmp_path / "p.yaml"), tmp_path / "out2", echo=lines.append)
     assert not [line for line in lines if "warning" in line], lines
+
+
+def test_clearing_the_rewriter_state_survives_dead_weak_proxies():
+    """The heap can hold weak proxies whose object is gone (any library may leave one); isinstance()
+    on one raises ReferenceError, which used to fail ONNX exports at random."""
+    from builder.build.export import _forget_rewriter_state
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    proxy = weakref.proxy(thing)
+    del thing
+    gc.collect()
+    with pytest.raises(ReferenceError):
+        isinstance(proxy, int)
+    _forget_rewriter_state()
+    assert type(proxy) is weakref.ProxyType

@@ -185,3 +185,24 @@ def test_cached_calls_run_on_an_inductor_engine_and_others_say_why_not(weights, 
     got, _ = denoise(other, configs()[0])
     assert other.last_route.backend == "eager" and "runs whole forwards only" in other.last_route.reason
     assert max(relative_error(a, b) for a, b in zip(got, expected)) < 1e-5
+
+
+def test_the_two_expert_router_caches_each_expert_apart(weights):
+    from runtime.experts import WanExpertRouter
+
+    router = WanExpertRouter(WanTransformer.from_pretrained(weights), WanTransformer.from_pretrained(weights), 0.5)
+    with pytest.raises(InputError, match="supported"):
+        router.enable_cache(object())
+    assert not router.is_cache_enabled and not router.high_noise.is_cache_enabled
+    router.enable_cache(configs()[0])
+    assert router.high_noise.cache_policy is not router.low_noise.cache_policy
+    x, _, ctx, _ = make_inputs(CONFIG, 1, (2, 4, 6), text_tokens=TEXT)
+    with router.cache_context("cond"), torch.no_grad():
+        for t in (900.0, 800.0, 100.0):
+            router(x, torch.tensor([t]), ctx)
+    assert (router.high_noise.cache_policy.calls, router.low_noise.cache_policy.calls) == (2, 1)
+    assert set(router.high_noise.cache_policy.states) == {"cond"}
+    router._reset_stateful_cache()
+    assert not router.high_noise.cache_policy.states and not router.low_noise.cache_policy.states
+    router.disable_cache()
+    assert not router.is_cache_enabled

@@ -142,7 +142,9 @@ def _forget_rewriter_state() -> None:
     except ImportError:  # another onnxscript layout: nothing known to clear
         return
     for obj in gc.get_objects():
-        if isinstance(obj, PatternMatcher):
+        # type(), not isinstance(): the heap holds weak proxies, and isinstance() on one whose object
+        # is gone raises ReferenceError (seen: it failed builds at random)
+        if issubclass(type(obj), PatternMatcher):
             for name in ("_graph", "_match", "_current_node", "_tracer"):
                 if name in vars(obj):
                     setattr(obj, name, None)

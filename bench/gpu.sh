@@ -8,6 +8,12 @@
 #                                                diffusers eager and compiled, ours eager, compiled and
 #                                                the inductor artifact, then cold starts (14B dims, 2
 #                                                blocks: compile time does not grow with blocks)
+#   bench/gpu.sh --suite features [--tiny]       the GPU numbers of the LoRA and step caching work, about
+#                                                200 s: set_loras on a 14B expert (rank 64 on every linear
+#                                                layer; goal under 5 s), then step caching at 14B dims, 4
+#                                                blocks, 480p, 8 guided steps (ours vs diffusers' hooks)
+#                                                needs diffusers: put its wheel in .whl/ first (pip download
+#                                                diffusers --no-deps -d .whl; .whl/ is git-ignored, carry it)
 #   --tiny runs the same suite at toy sizes on whatever device there is (what the CPU test runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +43,23 @@ if [ "${1:-}" = "--suite" ] && [ "${2:-}" = "engines" ]; then
   echo "== cold starts"
   timeout 200 $PY bench/cold_start.py $COLD --device "$DEVICE" --dtype "$DTYPE" --calls 2 \
     --routes "eager,compile (empty cache),compile (warm cache),inductor" --json "$OUT/cold_start.json" 2>&1 | tee "$OUT/cold_start.log"
+  exit 0
+fi
+
+if [ "${1:-}" = "--suite" ] && [ "${2:-}" = "features" ]; then
+  shift 2
+  TINY=0; [ "${1:-}" = "--tiny" ] && TINY=1
+  DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+  DTYPE=float32; [ "$DEVICE" = cuda ] && DTYPE=bfloat16
+  if [ "$TINY" = 1 ]; then
+    SWAP="--preset tiny-t2v --repeats 2"; CACHE="--preset tiny-t2v --layers 3 --latent 2,4,6 --steps 6 --threshold-fbc 0.6 --threshold-mag 0.3"
+  else
+    SWAP="--preset wan2.1-t2v-14b --repeats 3"; CACHE="--preset wan2.1-t2v-14b --layers 4 --latent 21,60,104 --steps 8"
+  fi
+  echo "== LoRA swap on the model ($DEVICE, $DTYPE)"
+  timeout 200 $PY bench/lora_swap.py --swap-only $SWAP --device "$DEVICE" --dtype "$DTYPE" --json "$OUT/lora_swap.json" 2>&1 | tee "$OUT/lora_swap.log"
+  echo "== step caching: ours vs diffusers' hooks vs none"
+  timeout 240 $PY bench/step_cache.py $CACHE --device "$DEVICE" --dtype "$DTYPE" --no-engine --json "$OUT/step_cache.json" 2>&1 | tee "$OUT/step_cache.log"
   exit 0
 fi
 

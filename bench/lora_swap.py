@@ -33,6 +33,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--swap-only", action="store_true",
+                        help="time the swaps alone on a model made on --device (no checkpoint, no builds): the GPU check, "
+                             "e.g. --swap-only --preset wan2.1-t2v-14b --device cuda --dtype bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--layers", type=int, help="blocks of the model (default: the preset's)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     import torch
@@ -47,6 +53,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     config = get_preset(args.preset)
+    if args.layers:
+        config = config.replace(num_layers=args.layers)
     shapes = parameter_shapes(config)
     targets = [n[:-len(".weight")] for n, s in shapes.items() if n.startswith("blocks.") and len(s) == 2]
 
@@ -65,6 +73,9 @@ def main() -> None:
         fn()
         return time.perf_counter() - start
 
+    if args.swap_only:
+        swap_only(args, config, lora, targets)
+        return
     backends = ("onnxruntime", "aoti", "inductor")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -141,6 +152,46 @@ def main() -> None:
         args.json.write_text(json.dumps({"preset": args.preset, "rank": args.rank, "swaps_s": swaps,
                                          "rebuild_s": rebuild, "served_s": served, "relative_error": errors,
                                          "torch": torch.__version__, "threads": args.threads}, indent=2) + "\n")
+
+
+def swap_only(args, config, lora, targets) -> None:
+    """`set_loras` on a model made on the device (random weights, no checkpoint): base -> A, A -> B,
+    B -> base, each timed to the device's completion, medians of `--repeats`."""
+    import torch
+
+    from runtime import WanTransformer
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.device(device):
+        model = WanTransformer(config)
+    model = model.to(dtype).requires_grad_(False)
+    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = lora(Path(tmp) / "a.safetensors", 1), lora(Path(tmp) / "b.safetensors", 2)
+        swaps: dict[str, list[float]] = {"base -> A": [], "A -> B": [], "B -> base": []}
+
+        def timed(loras) -> float:
+            sync()
+            start = time.perf_counter()
+            model.set_loras(loras)
+            sync()
+            return time.perf_counter() - start
+
+        for _ in range(args.repeats):
+            swaps["base -> A"].append(timed([(a, 1.0)]))
+            swaps["A -> B"].append(timed([(b, 1.0)]))
+            swaps["B -> base"].append(timed([]))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    print(f"{config.name}, {config.num_layers} blocks ({weights_gb:.1f} GB {args.dtype}), a rank-{args.rank} LoRA on "
+          f"{len(targets)} linear layers, {name}, torch {torch.__version__}")
+    print(f"{'swap (read the file, merge, cast)':36s} {'median s':>9s} {'all':>24s}")
+    for key, values in swaps.items():
+        print(f"{key:36s} {statistics.median(values):9.3f} {', '.join(f'{v:.3f}' for v in values):>24s}")
+    if args.json:
+        args.json.write_text(json.dumps({"preset": config.name, "layers": config.num_layers, "rank": args.rank,
+                                         "device": name, "dtype": args.dtype, "weights_gb": weights_gb,
+                                         "swaps_s": swaps, "torch": torch.__version__}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def main() -> None:
@@ -36,6 +37,9 @@ def main() -> None:
     parser.add_argument("--threshold-mag", type=float, default=0.06, help="MagCache threshold (diffusers' default)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-engine", action="store_true", help="skip building and running the inductor entry")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--layers", type=int, help="blocks of the model (default: the preset's), e.g. 4 of a 14B's 40")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -50,27 +54,34 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     config = get_preset(args.preset)
+    if args.layers:
+        config = config.replace(num_layers=args.layers)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     f, h, w = (int(v) for v in args.latent.split(","))
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(1, config.out_channels, f, h, w, generator=g)
-    condition = torch.randn(1, config.in_channels - config.out_channels, f, h, w, generator=g)
-    prompt = torch.randn(1, 512, config.text_dim, generator=g)
-    negative = torch.randn(1, 512, config.text_dim, generator=g)
+    noise = torch.randn(1, config.out_channels, f, h, w, generator=g).to(device)
+    condition = torch.randn(1, config.in_channels - config.out_channels, f, h, w, generator=g).to(device, dtype)
+    prompt = torch.randn(1, 512, config.text_dim, generator=g).to(device, dtype)
+    negative = torch.randn(1, 512, config.text_dim, generator=g).to(device, dtype)
 
     def denoise(model) -> tuple[torch.Tensor, float]:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
         scheduler.set_timesteps(args.steps)
         latents = noise.clone()
+        sync()
         start = time.perf_counter()
         with torch.no_grad():
             for i, t in enumerate(scheduler.timesteps):
-                x = torch.cat([latents, condition], dim=1)
+                x = torch.cat([latents.to(dtype), condition], dim=1)
                 fields = {"step_index": i, "num_inference_steps": args.steps}
                 with model.cache_context("cond", **fields):
                     cond = model(x, t.expand(1), prompt, return_dict=False)[0]
                 with model.cache_context("uncond", **fields):
                     uncond = model(x, t.expand(1), negative, return_dict=False)[0]
-                latents = scheduler.step(uncond + 5.0 * (cond - uncond), t, latents, return_dict=False)[0]
+                guided = (uncond + 5.0 * (cond - uncond)).float()
+                latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+        sync()
         seconds = time.perf_counter() - start
         model._reset_stateful_cache()
         return latents, seconds
@@ -78,18 +89,19 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        init_weights(config, root / "weights", seed=0)
-        theirs = WanTransformer3DModel.from_pretrained(root / "weights").eval()
-        ours = WanTransformer.from_pretrained(root / "weights")
+        init_weights(config, root / "weights", seed=0, dtype=dtype)
+        theirs = WanTransformer3DModel.from_pretrained(root / "weights", torch_dtype=dtype).to(device).eval()
+        ours = WanTransformer.from_pretrained(root / "weights", dtype, device=device)
         engine = None
         if not args.no_engine:
             video = ((f - 1) * config.vae_temporal_stride + 1, h * config.vae_spatial_stride, w * config.vae_spatial_stride)
             (root / "p.yaml").write_text(
-                "name: cache\nmodel: {weights: weights}\nprecision: fp32\nbackends: inductor\n"
+                f"name: cache\nmodel: {{weights: weights}}\nprecision: {PRECISIONS[args.dtype]}\nbackends: inductor\n"
                 f"shapes:\n  - {{frames: {video[0]}, height: {video[1]}, width: {video[2]}}}\ntext_tokens: 512\n"
-                "device: cpu\n")
+                f"device: {device.type}\n")
             build(load_profile(root / "p.yaml"), root / "engines", echo=lambda s: None)
-            engine = WanTransformer.from_pretrained(root / "weights", engines=root / "engines", backends=["inductor"])
+            engine = WanTransformer.from_pretrained(root / "weights", dtype, device=device, engines=root / "engines",
+                                                    backends=["inductor"])
 
         baseline, base_s = denoise(theirs)
         rows.append(("none", "diffusers", base_s, 0, 2 * args.steps, 0.0, None))
@@ -124,8 +136,9 @@ def main() -> None:
                     raise SystemExit(f"the cached calls did not run on the engine: {model.last_route}")
                 rows.append((name, label, s, policy.skipped, policy.calls, err(got), rel(got, expected)))
 
-    print(f"{args.preset}, latent {f}x{h}x{w}, {args.steps} steps with CFG ({2 * args.steps} calls), fp32, "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    print(f"{config.name}, {config.num_layers} blocks, latent {f}x{h}x{w}, {args.steps} steps with CFG "
+          f"({2 * args.steps} calls), {args.dtype}, torch {torch.__version__}, {where}, {args.threads} threads")
     print(f"{'policy':28s} {'run':22s} {'seconds':>8s} {'x none':>7s} {'skipped':>9s} {'err vs none':>12s} "
           f"{'vs diffusers':>13s}")
     for policy, run, s, skipped, calls, e, d in rows:

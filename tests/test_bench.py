@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,18 @@ def test_step_cache_benchmark_runs_tiny(tmp_path):
     ours = [x for x in rows if x["run"] == "ours eager" and x["policy"] != rows[1]["policy"]]
     assert all(x["skipped"] > 0 and x["error_vs_diffusers"] < 1e-5 for x in ours), ours
     assert "First-Block-Cache" in r.stdout and "x none" in r.stdout
+
+
+def test_gpu_features_suite_runs_tiny_on_cpu(tmp_path):
+    """`bench/gpu.sh --suite features --tiny`, the prepared GPU check of the LoRA swap and step
+    caching, runs end to end here at toy sizes and leaves both records."""
+    pytest.importorskip("diffusers")
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--suite", "features", "--tiny"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    swap = json.loads((tmp_path / "lora_swap.json").read_text())
+    assert set(swap["swaps_s"]) == {"base -> A", "A -> B", "B -> base"} and len(swap["swaps_s"]["A -> B"]) == 2
+    cache = json.loads((tmp_path / "step_cache.json").read_text())
+    assert len(cache["rows"]) == 6 and all(r["error_vs_diffusers"] < 1e-5 for r in cache["rows"]
+                                           if r["error_vs_diffusers"] is not None)

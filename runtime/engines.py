@@ -140,34 +140,28 @@ class EngineSet:
                                                  f"{manifest.experts[entry.expert].fingerprint[:12]}; these weights "
                                                  f"{fingerprint[:12]}); rebuild it for these weights")
             engines._static_checks(manifest, None)
-            if full_check:
-                for entry in candidates:
-                    problem = check_files(entry, folder, backend(entry.backend).required_files(entry), fresh=True)
-                    if problem:
-                        engines._refuse(entry, None, problem)
-            for entries in engines.by_shape.values():
-                for entry in entries:
-                    if entry.precision == precision and (entry.id, None) not in engines.refusals:
-                        engines._usable(entry, device)
-            engines.verification = HASHED.since(before)
-            return engines
+            return engines._check_at_open(candidates if full_check else (), precision, device, before)
         mine = [e for e in manifest.entries.values() if e.expert == expert and e.backend in order]
         engines = cls(folder, expert, mine, **options)
         engines.malformed = malformed
         engines._static_checks(manifest, fingerprint)
-        if full_check:
-            for entry in manifest.entries.values():
-                problem = check_files(entry, folder, backend(entry.backend).required_files(entry), fresh=True)
-                if problem:
-                    engines._refuse(entry, None, problem)
-        for entries in engines.by_shape.values():
+        return engines._check_at_open(manifest.entries.values() if full_check else (), precision, device, before)
+
+    def _check_at_open(self, rehash, precision: str | None, device: torch.device, before) -> "EngineSet":
+        """Re-hash the entries `rehash` (full_check), then check the entries of this precision for
+        `device`; records what the checks hashed."""
+        for entry in rehash:
+            problem = check_files(entry, self.folder, backend(entry.backend).required_files(entry), fresh=True)
+            if problem:
+                self._refuse(entry, None, problem)
+        for entries in self.by_shape.values():
             for entry in entries:
-                if entry.precision == precision and (entry.id, None) not in engines.refusals:
-                    engines._usable(entry, device)
-        engines.verification = HASHED.since(before)
-        if engines.verification.files:
-            log.info("checked the engines of %s for %s: %s", folder, expert, engines.verification.describe())
-        return engines
+                if entry.precision == precision and (entry.id, None) not in self.refusals:
+                    self._usable(entry, device)
+        self.verification = HASHED.since(before)
+        if self.verification.files:
+            log.info("checked the engines of %s for %s: %s", self.folder, self.expert, self.verification.describe())
+        return self
 
     def _static_checks(self, manifest: Manifest, fingerprint: str | None) -> None:
         """`fingerprint` None: weights of no expert here (only front-weight entries can serve them)."""

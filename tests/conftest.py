@@ -121,3 +121,19 @@ LONGEST_FIRST = ("test_trust.py", "test_engines.py", "test_bench.py", "test_nvfp
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
+
+def cpu_fp16_onnxruntime() -> bool:
+    """Whether ONNX Runtime builds fp16 entries on this CPU (not on x86: its provider runs them in fp32)."""
+    from runtime.backends import backend
+    from runtime.precision import Precision
+
+    return backend("onnxruntime").runs(Precision.FP16, torch.device("cpu"), None) is None
+
+
+def cpu_statuses(report, built: str = "built") -> list[str]:
+    """The statuses a CPU build of the tests' profiles gives: `built` for every entry, except fp16
+    ONNX Runtime entries on x86 CPUs, which are skipped with the reason."""
+    skip = not cpu_fp16_onnxruntime()
+    return ["skipped" if skip and r.entry.precision == "fp16" and r.entry.backend == "onnxruntime" else built
+            for r in report.results]

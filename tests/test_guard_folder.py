@@ -41,8 +41,9 @@ def stand_in(monkeypatch):
 @pytest.fixture
 def project(tmp_path, stand_in) -> Path:
     init_weights(CONFIG, tmp_path / "w", seed=3)
-    (tmp_path / "p.yaml").write_text("name: t\nmodel: {weights: w}\nprecision: [fp32, fp16]\nbackends: onnxruntime\n"
-                                     "shapes:\n  - {frames: 5, height: 32, width: 48}\ntext_tokens: 16\ndevice: cpu\n")
+    (tmp_path / "p.yaml").write_text("name: t\nmodel: {weights: w}\nprecision: fp32\nbackends: onnxruntime\n"
+                                     "shapes:\n  - {frames: 5, height: 32, width: 48}\n  - {frames: 5, height: 32, width: 64}\n"
+                                     "text_tokens: 16\ndevice: cpu\n")
     return tmp_path
 
 

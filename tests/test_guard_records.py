@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -227,7 +228,8 @@ def test_aoti_packages_need_the_compute_capability_they_were_compiled_for():
 
 
 def test_aoti_and_onnxruntime_refuse_what_they_do_not_build():
-    """Guards the NVFP4 refusal of AOTInductor and the bf16-on-CPU refusal of ONNX Runtime removed."""
+    """Guards the NVFP4 refusal of AOTInductor and the bf16-on-CPU and fp16-on-x86 refusals of ONNX
+    Runtime removed."""
     from runtime.backends import backend
     from runtime.precision import Precision
 
@@ -236,5 +238,9 @@ def test_aoti_and_onnxruntime_refuse_what_they_do_not_build():
     assert backend("aoti").runs(Precision.FP8, cuda, (9, 0)) is None
     assert backend("aoti").runs(Precision.BF16, cpu, None) is None
     assert "no bf16 kernels" in backend("onnxruntime").runs(Precision.BF16, cpu, None)
-    assert backend("onnxruntime").runs(Precision.FP16, cpu, None) is None
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+    fp16 = backend("onnxruntime").runs(Precision.FP16, cpu, None)
+    assert (fp16 is not None and "runs fp16 graphs in fp32" in fp16) if x86 else fp16 is None
+    assert backend("onnxruntime").runs(Precision.FP16, cuda, (9, 0)) == backend("onnxruntime").runs(
+        Precision.FP32, cuda, (9, 0))  # on a GPU fp16 is as fp32: only the provider's presence counts
     assert backend("onnxruntime").runs(Precision.FP32, cpu, None) is None

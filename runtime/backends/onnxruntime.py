@@ -19,6 +19,7 @@ by ONNX Runtime from the entry folder after its sha256 check.
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Mapping
 
@@ -38,6 +39,7 @@ def cuda_provider_problem() -> str | None:
     return None
 
 
+X86 = ("x86_64", "amd64", "i386", "i686", "x86")  # CPUs whose ONNX Runtime provider has no fp16 matmul
 WEIGHT_PREFIX = "model."  # initializer name of a weight: this + its parameter name (the export's rule)
 
 
@@ -138,6 +140,9 @@ class OnnxRuntimeBackend(Backend):
             return cuda_provider_problem() if self.missing_library() is None else None
         if precision == Precision.BF16:
             return "ONNX Runtime's CPU provider has no bf16 kernels; build and run it on a GPU machine"
+        if precision == Precision.FP16 and platform.machine().lower() in X86:
+            return ("ONNX Runtime's x86 CPU provider runs fp16 graphs in fp32 (it casts every weight: more memory "
+                    "than the fp32 entry, no speed gained); build fp32 for the CPU, fp16 for a GPU")
         return None
 
     def load(self, entry: Entry, folder: Path, device: torch.device, model, options: Mapping | None = None) -> Engine:

@@ -22,6 +22,7 @@ same skip decisions.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,7 +50,6 @@ class Step:
 
 @dataclass
 class _FbcState:
-    head_output: torch.Tensor | None = None
     head_residual: torch.Tensor | None = None
     tail_residual: torch.Tensor | None = None
     calls: int = 0
@@ -71,7 +71,7 @@ def _blocks(start: int, stop: int) -> str:
     return f"block {start}" if stop - start == 1 else f"blocks {start}-{stop - 1}"
 
 
-class CachePolicy:
+class CachePolicy(ABC):
     """One policy with a state per cache context."""
 
     name = ""
@@ -101,11 +101,14 @@ class CachePolicy:
             self.states[context] = self.new_state()
         return self.states[context]
 
+    @abstractmethod
     def new_state(self):
-        raise NotImplementedError
+        """A fresh state for one cache context."""
 
+    @abstractmethod
     def run(self, x: torch.Tensor, blocks: Blocks, num_blocks: int, context: str | None) -> tuple[torch.Tensor, Step]:
-        raise NotImplementedError
+        """The tokens after the blocks for tokens `x` after the prologue, running what the policy
+        decides through `blocks(x, start, stop)`; and what it ran and reused."""
 
 
 class FirstBlockCache(CachePolicy):
@@ -133,7 +136,7 @@ class FirstBlockCache(CachePolicy):
         if not compute:
             return (state.tail_residual + head,
                     Step(False, "block 0", f"the residual of {_blocks(1, num_blocks)} from call {state.computed_at}"))
-        state.head_output, state.head_residual = head, residual
+        state.head_residual = residual
         out = blocks(head, 1, None)
         state.tail_residual = out - head
         state.computed_at = state.calls

@@ -123,8 +123,8 @@ class WanTransformer(nn.Module):
         `engines`: an engine folder built by `wan-build build`. Its entries for these weights (by
         fingerprint), this precision and this machine serve the calls of their shapes; for other
         weights of the same model (a fine-tune), the entries that take the model's weights do
-        (`runtime.engines`); every other call falls back to eager. Entries that cannot be used are refused with a logged reason;
-        `strict=True` raises instead. `backends` limits and orders the backends tried. Every engine
+        (`runtime.engines`); every other call falls back to eager. Entries that cannot be used are
+        refused with a logged reason; `strict=True` raises instead. `backends` limits and orders the backends tried. Every engine
         file is hashed in full before its first use in this process; `full_check` also re-hashes every
         entry's files at open. `trusted="sha256:..."` (from `wan-build verify --print-digest`) refuses
         the folder unless its manifest is exactly the pinned one. Entries built with
@@ -387,22 +387,20 @@ class WanTransformer(nn.Module):
         where = f" in context {self._cache_context}" if self._cache_context else ""
         note = f"; {self._lora_note()}" if self._loras else ""
         if self.engines is not None:
-            engine, entry, reason = self.engines.route(shape, self.precision, self.device,
-                                                       lambda: self._eager_model(shape)[0], self._lora_note())
-            if engine is not None and engine.run_parts is not None:
+            engine, entry, why = self.engines.route(shape, self.precision, self.device,
+                                                    lambda: self._eager_model(shape)[0], self._lora_note(), parts=True)
+            if engine is not None:
                 out = engine.run_parts(inputs, parts)
                 self.last_step = steps[-1]
                 self.last_route = Route(entry.backend, shape, f"{policy.name}{where}: {steps[-1].describe()} "
-                                        f"(through the engine's compiled block); {reason}{note}")
+                                        f"(through the engine's compiled block); {why}{note}")
                 return out
-            why = (f"engine {entry.id} ({entry.backend}) runs whole forwards only" if engine is not None
-                   else reason)
         model, how = self._eager_model(shape)
         out = parts(model, *inputs)
         self.last_step = steps[-1]
         reason = f"{policy.name}{where}: {steps[-1].describe()}; {how}"
         if self.engines is not None:
-            reason += f"; {why}, so cached calls run the static model (an inductor entry serves them)"
+            reason += f"; {why}"
         backend = "compiled" if self.compile_blocks and shape not in self._compile_failed else "eager"
         self.last_route = Route(backend, shape, reason + note)
         return out

@@ -246,12 +246,14 @@ class EngineSet:
 
     # -- routing ------------------------------------------------------------------------------------
     def route(self, shape: StaticShape, precision: str | None, device: torch.device,
-              model: Callable[[], StaticWanTransformer], changed: str = "") -> tuple[Engine | None, Entry | None, str]:
+              model: Callable[[], StaticWanTransformer], changed: str = "",
+              parts: bool = False) -> tuple[Engine | None, Entry | None, str]:
         """(engine, entry, reason) for `shape` at `precision` on `device`; engine is None when the call
         must fall back. `model()` gives the eager static model of `shape` (its tensors feed engines).
         `changed`: what makes the model's weights differ from the checkpoint's ("LoRAs a x1"), so
-        that entries holding the checkpoint's weights do not serve."""
-        engine, entry, reason = self._route(shape, precision, device, model, changed)
+        that entries holding the checkpoint's weights do not serve. `parts`: the call runs the model's
+        parts apart (step caching), so only backends that serve parts may take it."""
+        engine, entry, reason = self._route(shape, precision, device, model, changed, parts)
         if engine is None and self.malformed:
             key, why = next(iter(self.malformed.items()))
             more = f" and {len(self.malformed) - 1} more" if len(self.malformed) > 1 else ""
@@ -259,7 +261,8 @@ class EngineSet:
         return engine, entry, reason
 
     def _route(self, shape: StaticShape, precision: str | None, device: torch.device,
-               model: Callable[[], StaticWanTransformer], changed: str) -> tuple[Engine | None, Entry | None, str]:
+               model: Callable[[], StaticWanTransformer], changed: str,
+               parts: bool) -> tuple[Engine | None, Entry | None, str]:
         if self.folder_problem:
             return None, None, f"engine folder refused: {self.folder_problem}"
         key = _device_key(device)
@@ -273,6 +276,10 @@ class EngineSet:
         other = changed or ("" if self.own_weights else "weights of another checkpoint")
         skipped = []
         for entry in mine:
+            if parts and not backend(entry.backend).serves_parts:
+                skipped.append(f"{entry.id} ({entry.backend}): runs whole forwards only, not the parts a cached "
+                               "step needs (an inductor entry serves them)")
+                continue
             if other and not entry.front_weights:
                 skipped.append(f"{entry.id} ({entry.backend}): holds the weights it was built from, and {other} "
                                "differ")

@@ -41,6 +41,8 @@ FORMAT = 2
 # An entry folder's files (the builder writes them, the backends read them).
 ONNX_FILE, ONNX_DATA = "model.onnx", "model.onnx.data"
 FP4_DATA = "model.nvfp4.data"
+# A weight's ONNX initializer name (and so its TensorRT weight name): this + its parameter name.
+WEIGHT_PREFIX = "model."
 AOTI_FILE = "engine.pt2"
 INDUCTOR_FILE = "block.compiled"
 PLAN_FILE = "engine.plan"

@@ -184,7 +184,25 @@ def test_cached_calls_run_on_an_inductor_engine_and_others_say_why_not(weights, 
     other = WanTransformer.from_pretrained(weights, engines=tmp_path / "engines", backends=["onnxruntime"])
     got, _ = denoise(other, configs()[0])
     assert other.last_route.backend == "eager" and "runs whole forwards only" in other.last_route.reason
+    assert not other.engines.load_attempts  # a whole-forward engine is not even loaded for cached calls
     assert max(relative_error(a, b) for a, b in zip(got, expected)) < 1e-5
+
+    # what callers pass: a transposed latent view and an expanded text context, on the engine and eager
+    x, t, ctx, _ = make_inputs(CONFIG, 1, (2, 4, 6), text_tokens=TEXT)
+    strided = x.transpose(3, 4).contiguous().transpose(3, 4)
+    expanded = ctx[:, :1].expand(-1, TEXT, -1)
+    assert not strided.is_contiguous() and expanded.stride(1) == 0
+    plain = WanTransformer.from_pretrained(weights)
+    outs = []
+    for model in (ours, plain):
+        model._reset_stateful_cache()
+        if not model.is_cache_enabled:
+            model.enable_cache(configs()[0])
+        with model.cache_context("cond"), torch.no_grad():
+            outs.append([model(strided, t, expanded).sample, model(strided + 1e-3, t, expanded).sample])
+    assert ours.last_route.backend == "inductor" and plain.last_route.backend == "eager"
+    assert ours.last_step.computed == plain.last_step.computed
+    assert all(relative_error(a, b) < 1e-5 for a, b in zip(*outs))
 
 
 def test_the_two_expert_router_caches_each_expert_apart(weights):

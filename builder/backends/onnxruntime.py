@@ -8,7 +8,7 @@ import torch
 from runtime.backends.onnxruntime import OnnxRuntimeEngine
 from runtime.manifest import ONNX_DATA
 
-from ..build.export import EXPORT_FORM, TABLE_INPUTS, export_onnx
+from ..build.export import EXPORT_FORM, export_onnx
 from ..build.folder import share_weights
 from . import BuilderBackend, Job
 
@@ -34,15 +34,9 @@ class OnnxRuntimeBuilder(BuilderBackend):
         share_weights(job.folder, job.store, ONNX_DATA, job.echo)
         # The parity session runs as the runtime does: on the model's own tensors, handed by name (no
         # copy), not on a copy read back from the file; prepacking and the memory arena (further
-        # copies, the arena's the fp32 casts of fp16 weights on the CPU) are off for it.
+        # copies) are off for it.
+        # (fp16 on x86 CPUs, whose provider would cast every weight to fp32, is refused by the backend.)
         device = job.device if job.device.type == "cuda" else torch.device("cpu")
-        if device.type == "cpu" and model.dtype in (torch.float16, torch.bfloat16):
-            # ONNX Runtime's x86 CPU provider runs 16-bit graphs in fp32: it makes fp32 copies of the
-            # weights either way. Handing it ours would keep ours beside them; it reads the file instead.
-            constants = {n: constants[n] for n in TABLE_INPUTS}
-            job.release_weights()
-            job.echo("parity session (ONNX Runtime, reading the weights file)")
-        else:
-            job.echo("parity session (ONNX Runtime, on the model's tensors)")
+        job.echo("parity session (ONNX Runtime, on the model's tensors)")
         engine = OnnxRuntimeEngine(job.draft, path, device, constants, prepack=False, arena=False)
         return engine(*(t.to(device) for t in inputs)), reference

@@ -33,10 +33,10 @@ import torch
 
 from runtime.backends.tensorrt import TensorRTEngine, make_logger, parser_errors, trt_version
 from runtime.errors import WanBuildError
-from runtime.manifest import FP4_DATA, ONNX_DATA, PLAN_FILE, device_info
+from runtime.manifest import FP4_DATA, ONNX_DATA, PLAN_FILE, WEIGHT_PREFIX, device_info
 from runtime.precision import Precision
 
-from ..build.export import TABLE_INPUTS, WEIGHT_PREFIX, export_onnx
+from ..build.export import TABLE_INPUTS, export_onnx
 from ..build.folder import locked_file, share_weights, write_atomic
 from ..build.onnx_check import check_for_tensorrt
 from ..build.parity import PARITY_SEED

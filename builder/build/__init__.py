@@ -328,7 +328,8 @@ def build_files(entry: PlannedEntry, tensors: dict[str, torch.Tensor], profile: 
     if front:  # the layout of the tensors the engine was handed (after any quantization of the build)
         options["weights_layout"] = weights_layout(model.weights())
     record = dataclasses.replace(
-        draft, options=options, files=files, versions={**draft.versions, **job.record.get("versions", {})}, parity=parity,
+        draft, options=options, files=files, versions={**draft.versions, **job.record.get("versions", {})},
+        parity=parity,
         allow_mismatch=not parity.passed, quantization_error=quantization_error, build=job.record.get("build", {}),
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         build_seconds=round(time.perf_counter() - start, 2))

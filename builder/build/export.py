@@ -39,12 +39,11 @@ from typing import Callable, Mapping
 import torch
 
 from runtime.config import WanConfig
-from runtime.manifest import ONNX_FILE
+from runtime.manifest import ONNX_FILE, WEIGHT_PREFIX
 from runtime.static import SHAPE_TABLES, StaticShape, StaticWanTransformer
 
 TABLE_INPUTS = SHAPE_TABLES
 EXPORT_FORM = "named-weights"  # in the identity of entries built from the export (see the module doc)
-WEIGHT_PREFIX = "model."  # initializer names: WEIGHT_PREFIX + the static model's parameter name
 
 
 class TablesAsInputs(torch.nn.Module):

@@ -70,10 +70,6 @@ class Engine(ABC):
                                  f"the engine was built for {list(shape)} {dtype}")
         return tuple(engine_input(t) for t in inputs)
 
-    # Engines whose blocks run apart from the rest (the `inductor` kind) serve step-cached calls:
-    # `run_parts(inputs, parts)` runs `parts(static_model, *inputs)` on the engine's own model.
-    run_parts = None
-
     @abstractmethod
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The engine's output for inputs already checked and laid out as it was built for."""
@@ -108,6 +104,10 @@ class Backend(ABC):
     library: str = ""  # the module that must be importable to run it
     install_hint: str = ""
     version_keys: tuple[str, ...] = ()  # tools whose exact version the artifact was made with
+    # Whether its engines run the model's parts apart (prologue, any range of blocks, epilogue), as
+    # step-cached calls need: their engines then have `run_parts(inputs, parts)`, which runs
+    # `parts(static_model, *inputs)` on the engine's own model. Others compute whole forwards only.
+    serves_parts: bool = False
 
     def missing_library(self) -> str | None:
         if importlib.util.find_spec(self.library) is None:

@@ -125,6 +125,7 @@ class InductorBackend(Backend):
     library = "torch._inductor"
     install_hint = "a torch build with Inductor (and Triton on CUDA)"
     version_keys = ("torch", "triton", "python")
+    serves_parts = True  # every block runs through the one compiled block
 
     def required_files(self, entry: Entry) -> tuple[str, ...]:
         return (INDUCTOR_FILE,)

@@ -25,7 +25,7 @@ from typing import Mapping
 
 import torch
 
-from ..manifest import ONNX_DATA, ONNX_FILE, Entry, entry_file
+from ..manifest import ONNX_DATA, ONNX_FILE, WEIGHT_PREFIX, Entry, entry_file
 from ..precision import ONNX_ELEMENT_TYPES, Precision
 from ..static import SHAPE_TABLES
 from . import Backend, Engine
@@ -40,7 +40,6 @@ def cuda_provider_problem() -> str | None:
 
 
 X86 = ("x86_64", "amd64", "i386", "i686", "x86")  # CPUs whose ONNX Runtime provider has no fp16 matmul
-WEIGHT_PREFIX = "model."  # initializer name of a weight: this + its parameter name (the export's rule)
 
 
 def ort_value(tensor: torch.Tensor):

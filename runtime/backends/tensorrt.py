@@ -35,7 +35,7 @@ from typing import Mapping
 import torch
 
 from ..integrity import read_verified
-from ..manifest import FP4_DATA, ONNX_DATA, ONNX_FILE, PLAN_FILE, Entry, entry_file
+from ..manifest import FP4_DATA, ONNX_DATA, ONNX_FILE, PLAN_FILE, WEIGHT_PREFIX, Entry, entry_file
 from ..precision import Precision
 from . import Backend, Engine
 
@@ -44,7 +44,6 @@ log = logging.getLogger("wan_build.runtime")
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                 "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8}
 TRT_DTYPES_BY_NAME = {torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF16"}
-WEIGHT_PREFIX = "model."  # a weight's ONNX initializer (and TensorRT weight) name: this + its parameter name
 HARDWARE_LEVELS = ("none", "same_compute_capability", "ampere_plus")
 LOGGED = ("INTERNAL_ERROR", "ERROR", "WARNING")  # what the logger keeps (not the verbose build chatter)
 

@@ -20,6 +20,7 @@ from runtime.errors import WanBuildError
 from runtime.integrity import HASHED, HashStats, weights_fingerprint
 from runtime.manifest import Entry, EngineError, capability_of, check_files, read_manifest, tool_versions
 from runtime.precision import Precision
+from runtime.stages import StageModel, stage_example
 from runtime.static import StaticWanTransformer, parameter_shapes
 from runtime.weights import load_checkpoint, materialize
 
@@ -33,6 +34,11 @@ def _shape_label(entry: Entry) -> str:
     return f"{video} b{entry.shape.batch} ({entry.tokens} tok)"
 
 
+def backend_label(entry: Entry) -> str:
+    """The backend, and the stage for a stage entry ("onnxruntime prologue")."""
+    return f"{entry.backend} {entry.stage}" if entry.stage else entry.backend
+
+
 def list_entries(folder: Path) -> list[str]:
     manifest = read_manifest(folder)
     entries = list(manifest.entries.values())
@@ -44,7 +50,7 @@ def list_entries(folder: Path) -> list[str]:
         for e in sorted(entries, key=lambda e: (e.expert, _shape_label(e), e.backend, e.precision)):
             size = sum(f.bytes for f in e.files.values()) / 1e6
             flag = " MISMATCH" if e.allow_mismatch or not e.parity.passed else ""
-            rows.append((e.id, e.expert, _shape_label(e), e.backend, e.precision, f"{size:.1f} MB",
+            rows.append((e.id, e.expert, _shape_label(e), backend_label(e), e.precision, f"{size:.1f} MB",
                          f"{e.parity.relative:.1e}{flag}", e.built_at or "?"))
         lines += table(rows)
     lines += [f"malformed entry {key[:40]}: {reason}" for key, reason in manifest.bad_entries.items()]
@@ -135,6 +141,9 @@ def rerun_parity(entry: Entry, folder: Path, config: WanConfig, tensors: dict[st
     except WanBuildError as e:
         return Verified(entry, "failed", str(e))
     inputs = model.example_inputs(seed=PARITY_SEED, dtype=precision.dtype, device=device)
+    if entry.stage is not None:  # a stage runs on what the whole model gives it
+        inputs, _ = stage_example(model, entry.stage, inputs)
+        model = StageModel(model, entry.stage)
     try:
         engine = backend(entry.backend).load(entry, folder, device, model)
         with torch.no_grad():
@@ -151,7 +160,7 @@ def verify_table(results: list[Verified]) -> list[str]:
     rows = [("id", "expert", "backend", "precision", "status", "detail")]
     for r in results:
         e = r.entry
-        rows.append((r.id[:40], e.expert if e else "?", e.backend if e else "?", e.precision if e else "?", r.status,
+        rows.append((r.id[:40], e.expert if e else "?", backend_label(e) if e else "?", e.precision if e else "?", r.status,
                      r.detail))
     return table(rows)
 

@@ -94,6 +94,7 @@ class Profile:
     onnx_opset: int = 23
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     calibration: Path | None = None
+    cache_stages: bool = False  # also build each shape's stages (`runtime.stages`) for step-cached calls
 
     def static_shape(self, spec: ShapeSpec) -> StaticShape:
         return StaticShape.for_latent(self.config, spec.batch,
@@ -201,7 +202,7 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
     if root is None:
         raise ProfileError(f"{path}: the profile is empty")
     top = ctx.mapping(root, "(top level)", ("name", "model", "precision", "backends", "shapes", "text_tokens",
-                                             "device", "onnx_opset", "tensorrt", "calibration"),
+                                             "device", "onnx_opset", "tensorrt", "calibration", "cache_stages"),
                       required=("name", "model", "precision", "backends", "shapes"))
     name = ctx.scalar(top["name"][1], "name", str, lambda v: None if _NAME.match(v) else
                       "must be lowercase letters, digits, '.', '_' or '-' (it names the engine folder)")
@@ -217,6 +218,7 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
     device = ctx.choice(top["device"][1], "device", DEVICES) if "device" in top else "auto"
     opset = ctx.choice(top["onnx_opset"][1], "onnx_opset", OPSETS) if "onnx_opset" in top else 23
     tensorrt = _tensorrt(ctx, top["tensorrt"][1]) if "tensorrt" in top else TensorRTOptions()
+    cache_stages = ctx.scalar(top["cache_stages"][1], "cache_stages", bool) if "cache_stages" in top else False
     calibration = None
     if "calibration" in top:
         calibration = ctx.path(top["calibration"][1], "calibration")
@@ -247,7 +249,7 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
             raise ctx.fail(node, key, str(e)) from None
         shapes.append(spec)
     return Profile(name, path, experts, boundary, preset, config, precisions, backends, tuple(shapes),
-                   text_tokens, device, opset, tensorrt, calibration)
+                   text_tokens, device, opset, tensorrt, calibration, cache_stages)
 
 
 def _list_or_one(ctx: _Ctx, node: yaml.Node, key: str, choices: tuple[str, ...]) -> tuple[str, ...]:

@@ -387,8 +387,12 @@ class WanTransformer(nn.Module):
         where = f" in context {self._cache_context}" if self._cache_context else ""
         note = f"; {self._lora_note()}" if self._loras else ""
         if self.engines is not None:
+            out, why_stages = self._run_stages(shape, inputs, where, note)
+            if out is not None:
+                return out
             engine, entry, why = self.engines.route(shape, self.precision, self.device,
                                                     lambda: self._eager_model(shape)[0], self._lora_note(), parts=True)
+            why = f"{why_stages}; {why}"
             if engine is not None:
                 out = engine.run_parts(inputs, parts)
                 self.last_step = steps[-1]
@@ -404,6 +408,28 @@ class WanTransformer(nn.Module):
         backend = "compiled" if self.compile_blocks and shape not in self._compile_failed else "eager"
         self.last_route = Route(backend, shape, reason + note)
         return out
+
+    def _run_stages(self, shape: StaticShape, inputs: tuple[torch.Tensor, ...], where: str,
+                    note: str) -> tuple[torch.Tensor | None, str]:
+        """A cached call on the stage engines of `shape` (`runtime.stages`): each stage the policy's step
+        needs runs on its engine. (output, "") or, when no complete set of them serves, (None, why)."""
+        from .stages import StageModel, StagedCall, stages_of
+
+        config = self.wan_config
+        runners, name, why = self.engines.route_stages(
+            shape, self.precision, self.device, lambda stage: StageModel(self._eager_model(shape)[0], stage),
+            stages_of(config.num_layers), self._lora_note())
+        if runners is None:
+            return None, why
+        policy, call = self.cache_policy, StagedCall(runners, 2 if config.image_dim is not None else 1)
+        x, contexts, temb, temb_proj = call.prologue(*inputs)
+        x, step = policy(x, lambda h, start, stop: call.blocks(h, contexts, temb_proj, start, stop),
+                         config.num_layers, self._cache_context)
+        out = call.epilogue(x, temb)
+        self.last_step = step
+        self.last_route = Route(name, shape, f"{policy.name}{where}: {step.describe()}; stage engines run: "
+                                f"{', '.join(call.ran)}; {why}{note}")
+        return out, ""
 
     def _eager_model(self, shape: StaticShape) -> tuple[StaticWanTransformer, str]:
         model = self._eager.get(shape)

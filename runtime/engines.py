@@ -66,9 +66,10 @@ class EngineSet:
         self.full_check = full_check
         self.engine_options = dict(engine_options or {})
         self.max_loaded = max_loaded  # engines kept loaded at once (each TensorRT or ONNX Runtime one holds weights)
-        self.by_shape: dict[StaticShape, list[Entry]] = {}
+        self.by_shape: dict[StaticShape, list[Entry]] = {}  # whole-forward entries
+        self.stages_by_shape: dict[StaticShape, list[Entry]] = {}  # stage entries (runtime.stages)
         for entry in sorted(entries, key=lambda e: self.order.index(e.backend)):
-            self.by_shape.setdefault(entry.shape, []).append(entry)
+            (self.by_shape if entry.stage is None else self.stages_by_shape).setdefault(entry.shape, []).append(entry)
         self.refusals: dict[tuple[str, str | None], tuple[Entry, str]] = {}  # (id, device or None) -> why
         self.folder_problem: str | None = None
         self.malformed: dict[str, str] = {}  # manifest records refused at open: key -> reason
@@ -154,10 +155,9 @@ class EngineSet:
             problem = check_files(entry, self.folder, backend(entry.backend).required_files(entry), fresh=True)
             if problem:
                 self._refuse(entry, None, problem)
-        for entries in self.by_shape.values():
-            for entry in entries:
-                if entry.precision == precision and (entry.id, None) not in self.refusals:
-                    self._usable(entry, device)
+        for entry in self.entries():
+            if entry.precision == precision and (entry.id, None) not in self.refusals:
+                self._usable(entry, device)
         self.verification = HASHED.since(before)
         if self.verification.files:
             log.info("checked the engines of %s for %s: %s", self.folder, self.expert, self.verification.describe())
@@ -165,21 +165,24 @@ class EngineSet:
 
     def _static_checks(self, manifest: Manifest, fingerprint: str | None) -> None:
         """`fingerprint` None: weights of no expert here (only front-weight entries can serve them)."""
-        for entries in self.by_shape.values():
-            for entry in entries:
-                b = backend(entry.backend)
-                if (entry.id, None) in self.refusals:
-                    continue
-                if fingerprint is not None and entry.weights_fingerprint != fingerprint:
-                    self._refuse(entry, None, f"built from other weights (fingerprint {entry.weights_fingerprint[:12]}, "
-                                              f"these weights {fingerprint[:12]})")
-                elif entry.allow_mismatch or not entry.parity.passed:
-                    if not self.allow_mismatch:
-                        self._refuse(entry, None, f"failed its parity check at build ({entry.parity.describe()}); "
-                                                  "kept by --allow-mismatch; pass allow_mismatch=True to serve it anyway")
-                elif any(n not in entry.files for n in b.required_files(entry)):
-                    missing = [n for n in b.required_files(entry) if n not in entry.files]
-                    self._refuse(entry, None, f"the manifest lists no {', '.join(missing)} for it (incomplete record)")
+        for entry in self.entries():
+            b = backend(entry.backend)
+            if (entry.id, None) in self.refusals:
+                continue
+            if fingerprint is not None and entry.weights_fingerprint != fingerprint:
+                self._refuse(entry, None, f"built from other weights (fingerprint {entry.weights_fingerprint[:12]}, "
+                                          f"these weights {fingerprint[:12]})")
+            elif entry.allow_mismatch or not entry.parity.passed:
+                if not self.allow_mismatch:
+                    self._refuse(entry, None, f"failed its parity check at build ({entry.parity.describe()}); "
+                                              "kept by --allow-mismatch; pass allow_mismatch=True to serve it anyway")
+            elif any(n not in entry.files for n in b.required_files(entry)):
+                missing = [n for n in b.required_files(entry) if n not in entry.files]
+                self._refuse(entry, None, f"the manifest lists no {', '.join(missing)} for it (incomplete record)")
+
+    def entries(self) -> list[Entry]:
+        """Every entry of this set: whole-forward ones, then stages."""
+        return [e for group in (self.by_shape, self.stages_by_shape) for es in group.values() for e in es]
 
     # -- checks per device --------------------------------------------------------------------------
     def _refuse(self, entry: Entry, device: str | None, reason: str) -> None:
@@ -278,46 +281,93 @@ class EngineSet:
         for entry in mine:
             if parts and not backend(entry.backend).serves_parts:
                 skipped.append(f"{entry.id} ({entry.backend}): runs whole forwards only, not the parts a cached "
-                               "step needs (an inductor entry serves them)")
+                               "step needs (an inductor entry, or the stage entries of `cache_stages: true`, serve them)")
                 continue
-            if other and not entry.front_weights:
-                skipped.append(f"{entry.id} ({entry.backend}): holds the weights it was built from, and {other} "
-                               "differ")
-                continue
-            engine = self._loaded.get((entry.id, key))
+            engine, why = self._engine(entry, key, device, model, other)
             if engine is None:
-                if not self._usable(entry, device):
-                    continue
-                if entry.front_weights:
-                    layout = weights_layout(model().weights())
-                    if layout != entry.options["weights_layout"]:
-                        skipped.append(f"{entry.id} ({entry.backend}): built for another weights layout (tensor "
-                                       "shapes or dtypes differ: another precision policy or FP8 scaling)")
-                        continue
-                self.load_attempts[(entry.id, key)] += 1
-                try:
-                    engine = backend(entry.backend).load(entry, self.folder, torch.device(device), model(),
-                                                         self.engine_options.get(entry.backend))
-                except Exception as e:  # a library's own error: report it, fall back, never retry
-                    first = (str(e).strip().splitlines() or [""])[0][:200]
-                    self._refuse(entry, key, f"failed to load ({type(e).__name__}: {first})")
-                    continue
-                self._loaded[(entry.id, key)] = engine
-                while self.max_loaded is not None and len(self._loaded) > self.max_loaded:
-                    old_key = next(k for k in self._loaded if k != (entry.id, key))
-                    log.info("releasing engine %s on %s: more than max_loaded_engines=%d loaded", old_key[0],
-                             old_key[1], self.max_loaded)
-                    self._loaded.pop(old_key).release()
-            else:
-                self._loaded[(entry.id, key)] = self._loaded.pop((entry.id, key))  # most recently used last
+                if why:
+                    skipped.append(why)
+                continue
             if entry.allow_mismatch or not entry.parity.passed:
-                if entry.id not in self._warned:
-                    log.warning("serving engine %s although it failed its parity check at build (%s)",
-                                entry.describe(), entry.parity.describe())
-                    self._warned.add(entry.id)
                 return engine, entry, (f"engine {entry.id} ({entry.backend}, {entry.precision}) built for this shape, "
                                        f"SERVED DESPITE FAILED PARITY ({entry.parity.describe()})")
             served = f"engine {entry.id} ({entry.backend}, {entry.precision}) built for this shape"
             return engine, entry, served + (f", on the model's weights ({other})" if other else "")
         reasons = skipped + [f"{e.id} ({e.backend}): {self._refusal(e, key)}" for e in mine if self._refusal(e, key)]
         return None, None, "engine for this shape refused: " + "; ".join(reasons)
+
+    def _engine(self, entry: Entry, key: str, device: torch.device, model: Callable[[], torch.nn.Module],
+                other: str) -> tuple[Engine | None, str | None]:
+        """`entry`'s engine on `device`, loaded (once) and checked; else None and why it was skipped (None
+        when it is refused: the refusal is recorded). `other`: why the model's weights are not the
+        checkpoint's, if they are not."""
+        if other and not entry.front_weights:
+            return None, (f"{entry.id} ({entry.backend}): holds the weights it was built from, and {other} "
+                          "differ")
+        engine = self._loaded.get((entry.id, key))
+        if engine is not None:
+            self._loaded[(entry.id, key)] = self._loaded.pop((entry.id, key))  # most recently used last
+            return engine, None
+        if not self._usable(entry, device):
+            return None, None
+        if entry.front_weights:
+            layout = weights_layout(model().weights())
+            if layout != entry.options["weights_layout"]:
+                return None, (f"{entry.id} ({entry.backend}): built for another weights layout (tensor "
+                              "shapes or dtypes differ: another precision policy or FP8 scaling)")
+        self.load_attempts[(entry.id, key)] += 1
+        try:
+            engine = backend(entry.backend).load(entry, self.folder, torch.device(device), model(),
+                                                 self.engine_options.get(entry.backend))
+        except Exception as e:  # a library's own error: report it, fall back, never retry
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            self._refuse(entry, key, f"failed to load ({type(e).__name__}: {first})")
+            return None, None
+        self._loaded[(entry.id, key)] = engine
+        while self.max_loaded is not None and len(self._loaded) > self.max_loaded:
+            old_key = next(k for k in self._loaded if k != (entry.id, key))
+            log.info("releasing engine %s on %s: more than max_loaded_engines=%d loaded", old_key[0],
+                     old_key[1], self.max_loaded)
+            self._loaded.pop(old_key).release()
+        if (entry.allow_mismatch or not entry.parity.passed) and entry.id not in self._warned:
+            log.warning("serving engine %s although it failed its parity check at build (%s)",
+                        entry.describe(), entry.parity.describe())
+            self._warned.add(entry.id)
+        return engine, None
+
+    def route_stages(self, shape: StaticShape, precision: str | None, device: torch.device,
+                     stage_model: Callable[[str], torch.nn.Module], stages: Sequence[str],
+                     changed: str = "") -> tuple[dict[str, Engine] | None, str, str]:
+        """Stage engines (`runtime.stages`) of one backend for every stage in `stages` at `shape`,
+        `precision` and `device`: ({stage: engine}, backend, reason), or (None, "", why none).
+        `stage_model(stage)` gives the eager stage model (its tensors feed the engines)."""
+        if self.folder_problem:
+            return None, "", f"engine folder refused: {self.folder_problem}"
+        mine = [e for e in self.stages_by_shape.get(shape, []) if e.precision == precision]
+        if not mine:
+            return None, "", "no stage engines built for this shape at this precision (profile key cache_stages)"
+        key = _device_key(device)
+        other = changed or ("" if self.own_weights else "weights of another checkpoint")
+        problems = []
+        for name in dict.fromkeys(e.backend for e in mine):  # in the order of preference
+            found = {e.stage: e for e in mine if e.backend == name}
+            missing = [s for s in stages if s not in found]
+            if missing:
+                problems.append(f"{name}: no {', '.join(missing)} stage entries")
+                continue
+            engines: dict[str, Engine] = {}
+            for stage in stages:
+                entry = found[stage]
+                engine, why = self._engine(entry, key, device, lambda: stage_model(stage), other)
+                if engine is None:
+                    problems.append(why or f"{entry.id} ({name}, {stage} stage): {self._refusal(entry, key)}")
+                    break
+                engines[stage] = engine
+            else:
+                flagged = [found[s] for s in stages if found[s].allow_mismatch or not found[s].parity.passed]
+                reason = (f"stage engines {', '.join(found[s].id for s in stages)} ({name}, {precision}) built for "
+                          "this shape" + (f", on the model's weights ({other})" if other else ""))
+                if flagged:
+                    reason += f", SERVED DESPITE FAILED PARITY ({flagged[0].parity.describe()})"
+                return engines, name, reason
+        return None, "", "stage engines for this shape refused: " + "; ".join(problems)

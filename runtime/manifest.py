@@ -34,6 +34,7 @@ import torch
 from .errors import WanBuildError
 from .integrity import sha256_file
 from .precision import PRECISIONS
+from .stages import STAGES
 from .static import StaticShape
 
 MANIFEST = "manifest.json"
@@ -216,9 +217,11 @@ class Entry:
     build: Mapping[str, Any] = field(default_factory=dict)  # the backend's build record
     built_at: str = ""
     build_seconds: float = 0.0
+    stage: str | None = None  # one stage of the model (`runtime.stages`), None for the whole forward
 
     def describe(self) -> str:
-        return f"{self.id} ({self.backend}, {self.precision}, {self.expert})"
+        stage = f", {self.stage} stage" if self.stage else ""
+        return f"{self.id} ({self.backend}, {self.precision}, {self.expert}{stage})"
 
     @property
     def front_weights(self) -> bool:
@@ -245,7 +248,7 @@ class Entry:
             "parity": self.parity.to_json(), "allow_mismatch": self.allow_mismatch, "onnx_opset": self.onnx_opset,
             "quantization_error": None if self.quantization_error is None else dict(self.quantization_error),
             "options": dict(self.options), "build": dict(self.build), "built_at": self.built_at,
-            "build_seconds": self.build_seconds,
+            "build_seconds": self.build_seconds, "stage": self.stage,
         }
 
     @classmethod
@@ -303,6 +306,9 @@ class Entry:
         device = f.get("device", dict)
         opset = f.get("onnx_opset", int, optional=True)
         qerr = f.get("quantization_error", dict, optional=True)
+        stage = f.get("stage", str, optional=True)
+        if stage is not None and stage not in STAGES:
+            raise ManifestError(f"{where}.stage {stage[:40]!r} is not one of {', '.join(STAGES)}")
         return cls(
             eid, backend, precision, f.get("expert", str), shape, video, s.int("tokens", 1),
             tuple(TensorInfo.from_json(t, f"{where}.inputs[{i}]") for i, t in enumerate(f.get("inputs", list))),
@@ -311,7 +317,7 @@ class Entry:
             f.get("allow_mismatch", bool, optional=True, default=False), opset, qerr,
             dict(f.get("options", dict, optional=True, default={})), dict(f.get("build", dict, optional=True, default={})),
             f.get("built_at", str, optional=True, default=""),
-            f.get("build_seconds", float, optional=True, default=0.0))
+            f.get("build_seconds", float, optional=True, default=0.0), stage)
 
 
 # -- the manifest -----------------------------------------------------------------------------------

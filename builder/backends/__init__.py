@@ -7,6 +7,7 @@ loads what it builds, and says:
 - `identity(...)`: the fields, beyond the common ones, that change its engines (they go into the
   entry id); `options(profile)`: what the runtime must know to load them (recorded in the entry);
 - `calibrates(precision)`: whether its engines carry calibrated scales (tied to one set of weights);
+- `stage_problem(precision)`: why it builds no stage engines of that precision (`cache_stages`);
 - `front_weights(precision, profile)`: whether its engines run on the weights handed to them at
   load (any weights of the recorded layout) rather than weights baked in at build;
 - `build(job)`: write the artifact into `job.folder` and return the engine's output on the parity
@@ -65,6 +66,13 @@ class BuilderBackend(ABC):
 
     def calibrates(self, precision: Precision) -> bool:
         return False
+
+    def stage_problem(self, precision: Precision) -> str | None:
+        """Why this backend builds no stage engines (`runtime.stages`, profile key `cache_stages`) of
+        `precision`, or None when it does."""
+        if precision.quantized:
+            return f"{precision.value} entries have no stage engines yet (their scales cover the whole model)"
+        return None
 
     def front_weights(self, precision: Precision, profile) -> bool:
         """Whether its engines of `precision` run on the weights the runtime hands them (recorded as

@@ -28,8 +28,9 @@ class OnnxRuntimeBuilder(BuilderBackend):
         with torch.no_grad():
             reference = model(*inputs)
         constants = model.constants()
-        path = export_onnx(job.profile.config, job.entry.shape, constants, model.dtype, job.folder,
-                           job.profile.onnx_opset, job.echo)
+        whole = getattr(model, "whole", model)  # a stage's graph reads the whole model's weights file
+        path = export_onnx(job.profile.config, job.entry.shape, whole.constants(), model.dtype, job.folder,
+                           job.profile.onnx_opset, job.echo, model_stage=job.entry.stage, inputs_like=inputs)
         job.echo("storing the weights file")
         share_weights(job.folder, job.store, ONNX_DATA, job.echo)
         # The parity session runs as the runtime does: on the model's own tensors, handed by name (no

@@ -284,6 +284,11 @@ class TensorRTBuilder(BuilderBackend):
     def calibrates(self, precision: Precision) -> bool:
         return precision.quantized
 
+    def stage_problem(self, precision: Precision) -> str | None:
+        return ("TensorRT stage engines are not built yet (the runtime binds one output per plan; the prologue "
+                "stage has four or five); step-cached calls run on an inductor entry or the ONNX Runtime and "
+                "AOTInductor stages")
+
     def front_weights(self, precision: Precision, profile) -> bool:
         # calibrated FP8/NVFP4 plans hold weights quantized at build: they stay tied to those
         return profile.tensorrt.refittable and not precision.quantized

@@ -36,8 +36,9 @@ from runtime.backends import input_infos
 from runtime.errors import WanBuildError
 from runtime.integrity import file_key, sha256_file, weights_fingerprint
 from runtime.manifest import (ENTRY_FILE, PARITY_FILE, Entry, EngineError, ExpertRecord, FileInfo, Manifest,
-                              ParityInfo, device_info, tool_versions)
+                              ParityInfo, TensorInfo, device_info, tool_versions)
 from runtime.precision import Precision
+from runtime.stages import StageModel, stage_example
 from runtime.static import StaticWanTransformer, parameter_shapes, weights_layout
 from runtime.weights import Checkpoint, load_checkpoint, materialize
 
@@ -230,6 +231,8 @@ def _build_one(entry: PlannedEntry, tensors_for: Callable[[PlannedEntry], dict[s
         echo(f"{prefix}: rebuilding (its manifest record is malformed: {manifest.bad_entries.get(entry.id)})")
         status = "rebuilt"
     reason = builder(entry.backend).unavailable(Precision(entry.precision), device)
+    if reason is None and entry.stage is not None:
+        reason = builder(entry.backend).stage_problem(Precision(entry.precision))
     if reason:
         return EntryResult(entry, "skipped", 0.0, None, reason)
     warning = memory_warning(entry, profile, device)
@@ -291,12 +294,21 @@ def build_files(entry: PlannedEntry, tensors: dict[str, torch.Tensor], profile: 
     backend = builder(entry.backend)
     model = StaticWanTransformer.from_parameters(config, shape, tensors).eval()
     inputs = model.example_inputs(seed=PARITY_SEED, dtype=dtype, device=device)
+    if entry.stage is None:
+        specs, outputs = input_infos(model.input_specs(dtype)), input_infos([model.output_spec(dtype)])
+    else:  # a stage, on the values the whole model gives it for the parity inputs
+        stage(f"computing the {entry.stage} stage's inputs (eager)")
+        inputs, expected = stage_example(model, entry.stage, inputs)
+        model = StageModel(model, entry.stage)
+        specs = tuple(TensorInfo.of(n, tuple(t.shape), t.dtype) for n, t in zip(model.input_names, inputs))
+        outputs = tuple(TensorInfo.of(n, tuple(t.shape), t.dtype) for n, t in zip(model.output_names, expected))
+        del expected
     folder.mkdir(parents=True)
     video = (entry.spec.frames, entry.spec.height, entry.spec.width)
     draft = Entry(entry.id, entry.backend, entry.precision, entry.expert.name, shape, video, shape.tokens(config),
-                  input_infos(model.input_specs(dtype)), input_infos([model.output_spec(dtype)]), {}, tool_versions(),
+                  specs, outputs, {}, tool_versions(),
                   device_info(device), entry.identity["weights"], ParityInfo(math.nan, math.nan, math.nan, math.nan),
-                  onnx_opset=entry.identity.get("onnx_opset"), options=backend.options(profile))
+                  onnx_opset=entry.identity.get("onnx_opset"), options=backend.options(profile), stage=entry.stage)
     front = backend.front_weights(Precision(entry.precision), profile)
     if front:
         draft = dataclasses.replace(draft, options={**draft.options, "weights": "front"})
@@ -342,7 +354,8 @@ def _profile_json(profile: Profile) -> dict[str, Any]:
             "precisions": list(profile.precisions), "backends": list(profile.backends),
             "shapes": [vars(s) for s in profile.shapes], "text_tokens": profile.text_tokens,
             "device": profile.device, "onnx_opset": profile.onnx_opset,
-            "experts": {e.name: str(e.weights) for e in profile.experts}, "boundary": profile.boundary}
+            "experts": {e.name: str(e.weights) for e in profile.experts}, "boundary": profile.boundary,
+            "cache_stages": profile.cache_stages}
 
 
 __all__ = ["BuildFailed", "BuildReport", "EntryResult", "PlannedEntry", "build", "build_files", "plan_entries"]

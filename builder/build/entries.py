@@ -9,7 +9,9 @@ from typing import Any
 import torch
 
 from runtime.manifest import device_info, entry_id, tool_versions
+from runtime.backends import backend as runtime_backend
 from runtime.precision import Precision
+from runtime.stages import stages_of
 from runtime.static import StaticShape
 
 from ..backends import builder
@@ -27,9 +29,11 @@ class PlannedEntry:
     id: str
     identity: dict[str, Any]
     calibration: tuple[Call, ...] = ()  # recorded calls this entry calibrates on (fp8/nvfp4 tensorrt)
+    stage: str | None = None  # one stage of the model (`runtime.stages`; profile key cache_stages)
 
     def label(self) -> str:
-        return f"{self.expert.name} {self.spec.label()} {self.precision} {self.backend}"
+        stage = f" {self.stage} stage" if self.stage else ""
+        return f"{self.expert.name} {self.spec.label()} {self.precision} {self.backend}{stage}"
 
     @property
     def calibrated(self) -> bool:
@@ -71,4 +75,9 @@ def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.d
                             identity["calibration"] = fingerprint([c.file for c in mine])
                     out.append(PlannedEntry(expert, spec, shape, precision, backend, entry_id(identity), identity,
                                             mine))
+                    if profile.cache_stages and not runtime_backend(backend).serves_parts:
+                        for stage in stages_of(profile.config.num_layers):
+                            staged = {**identity, "stage": stage}
+                            out.append(PlannedEntry(expert, spec, shape, precision, backend, entry_id(staged),
+                                                    staged, stage=stage))
     return out

@@ -34,12 +34,13 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from runtime.config import WanConfig
-from runtime.manifest import ONNX_FILE, WEIGHT_PREFIX
+from runtime.manifest import ONNX_DATA, ONNX_FILE, WEIGHT_PREFIX
+from runtime.stages import StageModel
 from runtime.static import SHAPE_TABLES, StaticShape, StaticWanTransformer
 
 TABLE_INPUTS = SHAPE_TABLES
@@ -47,45 +48,64 @@ EXPORT_FORM = "named-weights"  # in the identity of entries built from the expor
 
 
 class TablesAsInputs(torch.nn.Module):
-    """The static model with its shape tables (RoPE cos/sin, timestep frequencies) as graph inputs.
+    """The static model (or one stage of it) with its shape tables (RoPE cos/sin, timestep
+    frequencies) as graph inputs.
 
     Initializers are then the weights alone, identical for every shape of one model and precision,
     so their data file is stored once and hard-linked into each shape's folder; the runtime feeds the
     tables from the static model it builds for the shape anyway."""
 
-    def __init__(self, model: StaticWanTransformer):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor):
         n = len(self.model.input_names)
-        tables = dict(zip(TABLE_INPUTS, args[n:]))
+        tables = dict(zip(table_names(self.model), args[n:]))
         return torch.func.functional_call(self.model, tables, args[:n], strict=False)
 
 
-def onnx_input_names(model: StaticWanTransformer) -> list[str]:
-    return list(model.input_names) + list(TABLE_INPUTS)
+def table_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """The shape tables `model` reads: all of them for the whole model, a stage's own for a stage."""
+    return tuple(getattr(model, "table_names", TABLE_INPUTS))
+
+
+def onnx_input_names(model: torch.nn.Module) -> list[str]:
+    return list(model.input_names) + list(table_names(model))
 
 
 def export_onnx(config: WanConfig, shape: StaticShape, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
                 folder: Path, opset: int = 23, stage: Callable[[str], None] = lambda s: None,
-                named_weights: bool = True) -> Path:
+                named_weights: bool = True, model_stage: str | None = None,
+                inputs_like: Sequence[torch.Tensor] | None = None) -> Path:
     """Write `folder/model.onnx` (+ `model.onnx.data`, the weights) for `config` at `shape`.
 
     `tensors` are the model's parameters and shape tables (name -> tensor) in their final dtypes.
     Inputs: the static model's, then the tables (`TABLE_INPUTS`). `stage` hears the phases.
+    `model_stage`: export that stage of the model (`runtime.stages`) instead of the whole forward,
+    called with tensors like `inputs_like`; its graph reads its own weights, from the same data file
+    as the whole model's (see `write_weights_data`).
     `named_weights=False`: the optimizer folds freely (linear weights stored transposed, [in, out],
     under new names), the form the FP8/NVFP4 Q/DQ writers rewrite; those entries hold their weights.
     """
-    stage("exporting to ONNX (traced on the meta device)")
+    stage(f"exporting {'the ' + model_stage + ' stage ' if model_stage else ''}to ONNX (traced on the meta device)")
     with torch.device("meta"):
         meta = StaticWanTransformer(config, shape).eval()
     for name in TABLE_INPUTS:
         meta.register_buffer(name, torch.empty_like(tensors[name], device="meta"), persistent=False)
     _match_dtypes(meta, tensors)
-    inputs = tuple(torch.empty(s.shape, dtype=s.dtype, device="meta") for s in meta.input_specs(dtype))
-    inputs += tuple(torch.empty_like(tensors[name], device="meta") for name in TABLE_INPUTS)
-    weights = {f"{WEIGHT_PREFIX}{k}": v for k, v in tensors.items() if k not in TABLE_INPUTS}
+    if model_stage is not None:
+        if not named_weights:
+            raise ValueError("stages are exported with named weights only")
+        meta = StageModel(meta, model_stage).eval()
+    if inputs_like is None:
+        inputs = tuple(torch.empty(s.shape, dtype=s.dtype, device="meta") for s in meta.input_specs(dtype))
+    else:
+        inputs = tuple(torch.empty_like(t, device="meta") for t in inputs_like)
+    inputs += tuple(torch.empty_like(tensors[name], device="meta") for name in table_names(meta))
+    all_weights = {k: v for k, v in tensors.items() if k not in TABLE_INPUTS}
+    mine = {k for k, _ in meta.named_parameters()} if model_stage is not None else set(all_weights)
+    weights = {f"{WEIGHT_PREFIX}{k}": v for k, v in all_weights.items() if k in mine}
     with quiet_torch():
         program = torch.onnx.export(TablesAsInputs(meta).eval(), inputs, dynamo=True, opset_version=opset,
                                     optimize=False, input_names=onnx_input_names(meta),
@@ -103,8 +123,44 @@ def export_onnx(config: WanConfig, shape: StaticShape, tensors: Mapping[str, tor
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ONNX_FILE
     stage("writing the ONNX file")
-    program.save(str(path), external_data=True)
+    if named_weights:
+        import onnx_ir as ir
+
+        layout = write_weights_data(folder / ONNX_DATA, all_weights)
+        graph = program.model.graph
+        for name in weights:
+            value = graph.initializers[name]
+            offset, length = layout[name[len(WEIGHT_PREFIX):]]
+            value.const_value = ir.ExternalTensor(ONNX_DATA, offset, length, value.const_value.dtype,
+                                                  shape=value.const_value.shape, name=name, base_dir=folder)
+        ir.save(program.model, path)
+    else:
+        program.save(str(path), external_data=True)
     return path
+
+
+ALIGNMENT = 4096  # bytes: each weight starts on a page (memory-mapped readers need none, some like it)
+
+
+def write_weights_data(path: Path, weights: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Write every weight's bytes to `path` in one canonical layout (sorted by name, page-aligned) and
+    return name -> (offset, length). The file depends on the weights alone, not on the graph that
+    reads them, so the whole model's entry and each of its stage entries (whose graphs read part of
+    it) have byte-identical data files, stored once (`share_weights`)."""
+    layout: dict[str, tuple[int, int]] = {}
+    offset = 0
+    with open(path, "wb") as f:
+        for name in sorted(weights):
+            t = weights[name].detach()
+            data = t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            if offset % ALIGNMENT:
+                pad = ALIGNMENT - offset % ALIGNMENT
+                f.write(b"\0" * pad)
+                offset += pad
+            f.write(memoryview(data))
+            layout[name] = (offset, data.nbytes)
+            offset += data.nbytes
+    return layout
 
 
 def optimize_keeping_weights(model, names) -> None:

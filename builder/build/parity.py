@@ -17,7 +17,15 @@ from runtime.precision import Precision
 PARITY_SEED = 1234
 
 
-def compare(out: torch.Tensor, ref: torch.Tensor, tolerance: float) -> ParityInfo:
+def compare(out, ref, tolerance: float) -> ParityInfo:
+    """`out` against `ref`; for several outputs (a stage engine's), each one, and the worst is kept."""
+    if isinstance(out, (tuple, list)) or isinstance(ref, (tuple, list)):
+        outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        refs = tuple(ref) if isinstance(ref, (tuple, list)) else (ref,)
+        if len(outs) != len(refs) or not outs:
+            return ParityInfo(math.inf, math.inf, 0.0, tolerance)
+        each = [compare(o, r, tolerance) for o, r in zip(outs, refs)]
+        return max(each, key=lambda p: (p.relative, p.max_abs))
     if tuple(out.shape) != tuple(ref.shape):
         return ParityInfo(math.inf, math.inf, 0.0, tolerance)
     a, b = out.detach().double().cpu().flatten(), ref.detach().double().cpu().flatten()

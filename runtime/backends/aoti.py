@@ -46,9 +46,12 @@ class AOTIEngine(Engine):
         self._constants = new
         return True
 
-    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The output; a tuple of them for an entry of several (a stage)."""
         out = self._runner(*inputs)
-        return out[0] if isinstance(out, (list, tuple)) else out
+        if not isinstance(out, (list, tuple)):
+            return out
+        return out[0] if len(out) == 1 else tuple(out)
 
 
 def load_package(data: bytes, device: torch.device):

@@ -103,24 +103,29 @@ class OnnxRuntimeEngine(Engine):
             raise RuntimeError(f"{path}: graph inputs {names} do not match the entry's {call} plus tables")
         self._names = call + self._tables
         self._table_values = [constants[n].to(self.device).contiguous() for n in self._tables]
-        self._output = self._session.get_outputs()[0]
-        self._output_shape = tuple(int(d) for d in self._output.shape)
+        self._outputs = [o.name for o in self._session.get_outputs()]
+        if [o.name for o in entry.outputs] != self._outputs:
+            raise RuntimeError(f"{path}: graph outputs {self._outputs} do not match the entry's "
+                               f"{[o.name for o in entry.outputs]}")
+        self._output_specs = [(tuple(o.shape), getattr(torch, o.dtype)) for o in entry.outputs]
 
-    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The output; a tuple of them for an entry of several (a stage)."""
         inputs = tuple(inputs) + tuple(self._table_values)
         if self.device.type != "cuda":
             feeds = {name: t.detach().numpy() for name, t in zip(self._names, inputs)}
-            return torch.from_numpy(self._session.run([self._output.name], feeds)[0])
+            outs = tuple(torch.from_numpy(o) for o in self._session.run(self._outputs, feeds))
+            return outs[0] if len(outs) == 1 else outs
         binding = self._session.io_binding()
         index = self.device.index or 0
         for name, t in zip(self._names, inputs):  # contiguous tensors the caller keeps alive until we return
             binding.bind_input(name, "cuda", index, ONNX_ELEMENT_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
-        out = torch.empty(self._output_shape, dtype=inputs[0].dtype, device=self.device)
-        binding.bind_output(self._output.name, "cuda", index, ONNX_ELEMENT_TYPES[out.dtype], tuple(out.shape),
-                            out.data_ptr())
+        outs = tuple(torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self._output_specs)
+        for name, out in zip(self._outputs, outs):
+            binding.bind_output(name, "cuda", index, ONNX_ELEMENT_TYPES[out.dtype], tuple(out.shape), out.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()
         self._session.run_with_iobinding(binding)
-        return out
+        return outs[0] if len(outs) == 1 else outs
 
 
 class OnnxRuntimeBackend(Backend):

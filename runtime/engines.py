@@ -297,7 +297,7 @@ class EngineSet:
         return None, None, "engine for this shape refused: " + "; ".join(reasons)
 
     def _engine(self, entry: Entry, key: str, device: torch.device, model: Callable[[], torch.nn.Module],
-                other: str) -> tuple[Engine | None, str | None]:
+                other: str, keep: frozenset = frozenset()) -> tuple[Engine | None, str | None]:
         """`entry`'s engine on `device`, loaded (once) and checked; else None and why it was skipped (None
         when it is refused: the refusal is recorded). `other`: why the model's weights are not the
         checkpoint's, if they are not."""
@@ -324,8 +324,10 @@ class EngineSet:
             self._refuse(entry, key, f"failed to load ({type(e).__name__}: {first})")
             return None, None
         self._loaded[(entry.id, key)] = engine
-        while self.max_loaded is not None and len(self._loaded) > self.max_loaded:
-            old_key = next(k for k in self._loaded if k != (entry.id, key))
+        while self.max_loaded is not None and self._units() > self.max_loaded:
+            old_key = next((k for k in self._loaded if k != (entry.id, key) and k[0] not in keep), None)
+            if old_key is None:
+                break
             log.info("releasing engine %s on %s: more than max_loaded_engines=%d loaded", old_key[0],
                      old_key[1], self.max_loaded)
             self._loaded.pop(old_key).release()
@@ -334,6 +336,14 @@ class EngineSet:
                         entry.describe(), entry.parity.describe())
             self._warned.add(entry.id)
         return engine, None
+
+    def _units(self) -> int:
+        """Loaded engines as `max_loaded` counts them: the stage engines of one shape, backend and
+        precision count as one (a cached call needs them all)."""
+        whole = sum(1 for engine in self._loaded.values() if engine.entry.stage is None)
+        sets = {(e.entry.shape, e.entry.backend, e.entry.precision, k[1]) for k, e in self._loaded.items()
+                if e.entry.stage is not None}
+        return whole + len(sets)
 
     def route_stages(self, shape: StaticShape, precision: str | None, device: torch.device,
                      stage_model: Callable[[str], torch.nn.Module], stages: Sequence[str],
@@ -356,9 +366,10 @@ class EngineSet:
                 problems.append(f"{name}: no {', '.join(missing)} stage entries")
                 continue
             engines: dict[str, Engine] = {}
+            keep = frozenset(found[s].id for s in stages)  # loading one stage never releases another
             for stage in stages:
                 entry = found[stage]
-                engine, why = self._engine(entry, key, device, lambda: stage_model(stage), other)
+                engine, why = self._engine(entry, key, device, lambda: stage_model(stage), other, keep)
                 if engine is None:
                     problems.append(why or f"{entry.id} ({name}, {stage} stage): {self._refusal(entry, key)}")
                     break

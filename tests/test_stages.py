@@ -106,6 +106,9 @@ def test_cached_calls_run_on_stage_engines_and_match_diffusers_hooks(staged, bac
     got, skipped = denoise(ours, configs()[index])
     assert 0 < sum(skipped) < len(skipped)
     assert max(relative_error(a, b) for a, b in zip(got, expected)) < 1e-5
+    # each stage engine loaded once for the whole loop (the default max_loaded_engines=2 counts a
+    # shape's stage engines as one)
+    assert len(ours.engines.load_attempts) == 4 and set(ours.engines.load_attempts.values()) == {1}
     assert all(r.backend == backend and "stage engines run: prologue" in r.reason for r in routes)
     for route, skip in zip(routes, skipped):
         ran = re.search(r"stage engines run: ([a-z_, ]+);", route.reason).group(1).split(", ")

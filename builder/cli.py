@@ -248,6 +248,24 @@ def lora_merge(
     typer.echo(f"wrote {folder}")
 
 
+@app.command("gguf")
+def gguf_write(
+    weights: Annotated[Path, typer.Argument(help="The checkpoint: a transformer folder or a .safetensors file.")],
+    type_: Annotated[str, typer.Option("--type", help="Q8_0, Q5_1, Q5_0, Q4_1 or Q4_0.")],
+    out: Annotated[Path, typer.Option(help="The .gguf file to write.")],
+    subfolder: Annotated[str | None, typer.Option(help="transformer or transformer_2 of a pipeline folder.")] = None,
+) -> None:
+    """Write a checkpoint as a GGUF file (original Wan key layout, as community files): the blocks'
+    linear weights in --type, norms, biases, modulation and embeddings kept in F32.
+
+    Example: wan-build gguf ckpt/transformer --type Q8_0 --out wan2.1-t2v-14b-Q8_0.gguf
+    """
+    from .gguf_tools import write_gguf
+
+    counts = _run(lambda: write_gguf(weights, type_, out, subfolder, echo=typer.echo))
+    typer.echo(f"wrote {out} ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))} tensors)")
+
+
 @app.command("init-weights")
 def init_weights(
     preset: Annotated[str, typer.Argument(help="Model preset, e.g. tiny-i2v-a14b.")],

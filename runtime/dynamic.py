@@ -26,6 +26,7 @@ from .fp8 import Fp8Linear, quantize_fp8
 from .integrity import weights_fingerprint
 from .precision import Precision
 from .static import StaticShape, StaticWanTransformer, add_parameters, parameter_shapes
+from .gguf import has_quantized
 from .weights import check_tensors, load_checkpoint, materialize, parameter_dtype
 
 log = logging.getLogger("wan_build.runtime")
@@ -87,6 +88,7 @@ class WanTransformer(nn.Module):
         self._warned_attention_kwargs = False
         self._warned_nonfinite = False
         self._fp8 = False
+        self._int8 = False  # runtime.int8 layers (no engine precision yet: calls run the static model)
         self._loras: list = []  # [(LoraFile, strength)], merged into the parameters
         self._lora_base: dict[str, torch.Tensor] = {}  # the base tensors of the parameters LoRAs changed
         # FP8 layers: their high-precision weights as read (memory-mapped checkpoint views, no copy), what
@@ -94,12 +96,20 @@ class WanTransformer(nn.Module):
         self._fp8_source: dict[str, torch.Tensor] = {}
         self._fp8_merged: set[str] = set()
         self.engines: EngineSet | None = None
+        self.gguf = tensors is not None and has_quantized(tensors)  # weights kept in GGUF blocks
         if tensors is None:
             add_parameters(self, config)
         else:
             with torch.device("meta"):
                 add_parameters(self, config)
-            check_tensors(parameter_shapes(config), tensors, config.name)
+            shapes = parameter_shapes(config)
+            if has_quantized(tensors):  # GGUF weights kept in their blocks (runtime.gguf)
+                from .gguf import expected_shapes, swap_gguf_layers
+
+                shapes = expected_shapes(shapes, tensors)
+                with torch.device("meta"):
+                    swap_gguf_layers(self, tensors)
+            check_tensors(shapes, tensors, config.name)
             self.load_state_dict(dict(tensors), strict=True, assign=True)
 
     # -- construction -----------------------------------------------------------------------------
@@ -143,16 +153,37 @@ class WanTransformer(nn.Module):
         device = check_device(device)
         checkpoint = load_checkpoint(path, subfolder=subfolder, preset=preset)
         shapes = parameter_shapes(checkpoint.config)
-        check_tensors(shapes, checkpoint.tensors, str(path))
-        tensors = materialize(checkpoint.tensors, shapes, torch_dtype, device)
+        # GGUF weights stay in their blocks (dequantized per layer at use); engines take full tensors
+        keep = has_quantized(checkpoint.tensors) and engines is None
+        if torch_dtype is None and str(path).endswith(".gguf"):  # its tensors mix types: one compute dtype
+            torch_dtype = torch.float32
+        if keep:
+            from .gguf import expected_shapes
+
+            if quantize is not None or loras:
+                raise InputError(f"{path}: a GGUF model keeps its weights quantized; "
+                                 f"{'quantize=' + repr(quantize) if quantize else 'loras'} cannot be applied to it "
+                                 "(load a safetensors checkpoint for that)")
+            check_tensors(expected_shapes(shapes, checkpoint.tensors), checkpoint.tensors, str(path))
+        else:
+            from .gguf import logical_view
+
+            check_tensors(shapes, logical_view(checkpoint.tensors), str(path))
+        tensors = materialize(checkpoint.tensors, shapes, torch_dtype, device, keep_quantized=keep)
         model = cls(checkpoint.config, tensors, max_cached_shapes=max_cached_shapes, compile=compile)
         model.requires_grad_(False)
         if loras:
             model.set_loras(loras)
-        if quantize is not None:
+        if quantize == "int8":
+            if model.dtype not in (torch.float32, torch.bfloat16):
+                raise InputError(f"quantize='int8' with torch_dtype={model.dtype} is not supported; use "
+                                 "torch_dtype=torch.bfloat16 or torch.float32")
+            model.quantize_int8()
+        elif quantize is not None:
             if quantize != "fp8" or model.dtype != torch.bfloat16:
                 raise InputError(f"quantize={quantize!r} with torch_dtype={model.dtype} is not supported; "
-                                 "use quantize='fp8' with torch_dtype=torch.bfloat16")
+                                 "use quantize='fp8' with torch_dtype=torch.bfloat16, or quantize='int8' with "
+                                 "torch_dtype=torch.bfloat16 or torch.float32")
             model.quantize_fp8(fp8_scaling, source=checkpoint.tensors)
         if engines is not None:
             fingerprint = weights_fingerprint(checkpoint.tensors, checkpoint.files)
@@ -163,12 +194,30 @@ class WanTransformer(nn.Module):
                                            config=model.config)
         return model.eval()
 
+    def quantize_int8(self) -> list[str]:
+        """Make the middle blocks' linear layers INT8 (W8A8, `runtime.int8`) in place; returns their names.
+        Engines do not serve an INT8 model (none is built for it yet): its calls run the static model."""
+        from .int8 import quantize_int8
+
+        if self.gguf or self._fp8 or self._int8:
+            raise InputError("quantize_int8: this model is quantized already (GGUF, FP8 or INT8); load the "
+                             "safetensors checkpoint")
+        if self._loras:
+            log.info("quantize_int8: the merged LoRAs are quantized in and stay")
+        names = quantize_int8(self, self.wan_config.num_layers)
+        self._int8 = bool(names)
+        self._drop_built()
+        return names
+
     def quantize_fp8(self, scaling: str = "rowwise", check_device: bool = True,
                      source: Mapping[str, torch.Tensor] | None = None) -> list[str]:
         """Make the middle blocks' linear layers FP8 in place (see `runtime.fp8`); returns their names.
         `source`: the checkpoint's tensors (memory-mapped, as `from_pretrained` passes them), kept by
         reference for the FP8 layers' weights so `set_loras` can merge into them and re-quantize;
         without it, LoRAs merged now stay and `set_loras` refuses."""
+        if self.gguf:
+            raise InputError("quantize_fp8 on a GGUF model: its weights are quantized already; load the safetensors "
+                             "checkpoint to make FP8 layers")
         if self._fp8:
             raise InputError("this model is FP8-quantized already")
         names = quantize_fp8(self, self.wan_config.num_layers, scaling, check_device=check_device)
@@ -197,6 +246,13 @@ class WanTransformer(nn.Module):
         are active: those calls run the eager (or compiled) static model, and `last_route` says why."""
         from .lora import LoraFile, merged_tensors, plan_updates, read_loras
 
+        if self._int8:
+            raise InputError("set_loras on an INT8 model: pass loras= to from_pretrained with quantize='int8' "
+                             "(they are merged before quantizing)")
+        if self.gguf:
+            raise InputError("set_loras on a GGUF model: its weights stay quantized, so LoRAs cannot be merged "
+                             "into them; load the safetensors checkpoint (or the GGUF file with engines=, which "
+                             "dequantizes it) to use LoRAs")
         if self._fp8 and not self._fp8_source:
             raise InputError("set_loras on this FP8 model: its high-precision weights are not at hand to merge "
                              "into (it was quantized without them); load it with from_pretrained(..., "
@@ -284,6 +340,8 @@ class WanTransformer(nn.Module):
         """The engine precision this model runs now (follows `.to(dtype)`), None for a dtype no engine has."""
         if self._fp8:
             return Precision.FP8.value
+        if self._int8:
+            return None
         try:
             return Precision.of_dtype(self.dtype).value
         except ValueError:

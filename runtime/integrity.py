@@ -133,7 +133,7 @@ def weights_fingerprint(tensors: Mapping[str, torch.Tensor], files: Iterable[Pat
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous()
         h.update(f"{name}|{str(t.dtype)}|{list(t.shape)}|".encode())
-        data = memoryview(t.cpu().view(torch.uint8).reshape(-1).numpy())
+        data = memoryview(t.cpu().reshape(-1).view(torch.uint8).numpy())
         h.update(data)
         n += len(data)
     digest = h.hexdigest()

@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import MAX_BATCH, MAX_TEXT_TOKENS, MAX_VIDEO_TOKENS, TEXT_TOKENS, LatentSize, WanConfig, check_latent_size
 from .errors import GeometryError
+from .weights import GGUF_TYPE
 
 SHAPE_TABLES = ("rope_cos", "rope_sin", "time_freqs")  # buffers derived from the shape, not weights
 
@@ -422,6 +423,14 @@ class StaticWanTransformer(nn.Module):
         with torch.device("meta"):
             model = cls(config, shape)
             swap_fp8_layers(model, parameters)
+            if any(v.dtype == torch.int8 for v in parameters.values()):  # runtime.int8 layers
+                from .int8 import swap_int8_layers
+
+                swap_int8_layers(model, parameters)
+            if any(name.endswith(GGUF_TYPE) for name in parameters):  # GGUF weights kept in their blocks
+                from .gguf import swap_gguf_layers
+
+                swap_gguf_layers(model, parameters)
         model.load_state_dict(parameters, strict=True, assign=True)
         model.init_tables()
         return model

@@ -7,7 +7,8 @@ Accepted:
 - an original Wan folder: `config.json` of `WanModel` + safetensors (single or sharded), for
   Wan2.2 A14B the `high_noise_model/` or `low_noise_model/` folder;
 - a single `.safetensors` file in either layout, also with the `model.diffusion_model.` prefix
-  of community single files; its config is read off the tensor shapes.
+  of community single files; its config is read off the tensor shapes;
+- a single `.gguf` file in either layout (`runtime.gguf`: quantized weights stay quantized).
 
 Tensors are views into a private memory map of each file (no read into anonymous memory, no
 second copy); they are renamed to diffusers names here, once, so no other code knows about the
@@ -28,10 +29,13 @@ from .config import CLIP_TOKENS, WanConfig, find_preset, vae_fields
 from .errors import WeightsError
 
 DIFFUSERS_FILE = "diffusion_pytorch_model.safetensors"
+GGUF_SUFFIX = ".gguf"
+GGUF_TYPE = "_gguf_type"  # `<layer>.weight_gguf_type`: a GGUF weight kept in its blocks (runtime.gguf)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 COMMUNITY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # diffusers keeps these in float32 whatever torch_dtype says (matched as dotted-name components).
-KEEP_FP32 = frozenset({"time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"})
+KEEP_FP32 = frozenset({"time_embedder", "scale_shift_table", "norm1", "norm2", "norm3",
+                       "weight_scale"})  # the last: FP8/INT8 layers' scales
 IGNORED_KEYS = ("norm_added_q",)  # present in some converted I2V checkpoints; diffusers ignores it too
 
 _DTYPES = {
@@ -221,6 +225,22 @@ def original_to_diffusers_name(name: str) -> str:
     return f"{_ORIGINAL_TOP[module]}.{leaf}" if module in _ORIGINAL_TOP else name
 
 
+def diffusers_to_original_name(name: str) -> str:
+    """One diffusers key -> its original Wan key (the inverse of `original_to_diffusers_name`)."""
+    for original, ours in _ORIGINAL_TOP_PARAMS.items():
+        if name == ours:
+            return original
+    module, _, leaf = name.rpartition(".")
+    if module.startswith("blocks."):
+        parts = module.split(".", 2)
+        if len(parts) == 2:
+            return f"{module}.modulation" if leaf == "scale_shift_table" else name
+        inverse = {v: k for k, v in _ORIGINAL_BLOCK.items()}
+        return f"blocks.{parts[1]}.{inverse.get(parts[2], parts[2])}.{leaf}"
+    inverse = {v: k for k, v in _ORIGINAL_TOP.items()}
+    return f"{inverse[module]}.{leaf}" if module in inverse else name
+
+
 def infer_config(tensors: Mapping[str, torch.Tensor], name: str, head_dim: int = 128) -> WanConfig:
     """Read a config off the tensor shapes of a diffusers-named checkpoint (single files)."""
     try:
@@ -295,8 +315,14 @@ def _load_single_file(path: Path, preset: WanConfig | None) -> Checkpoint:
     if path.suffix in PICKLE_SUFFIXES:
         raise WeightsError(f"{path}: pickle checkpoints are never loaded because they can run code; "
                            "convert it to safetensors first")
+    if path.suffix == GGUF_SUFFIX:
+        from .gguf import logical_view, read_gguf
+
+        tensors, layout = _diffusers_named(read_gguf(path)[0])
+        config = infer_config(logical_view(tensors), str(path), preset.head_dim if preset else 128)
+        return Checkpoint(_named(config, preset, path), tensors, layout, [path])
     if path.suffix != ".safetensors":
-        raise WeightsError(f"{path}: expected a .safetensors file")
+        raise WeightsError(f"{path}: expected a .safetensors or .gguf file")
     tensors, layout = _diffusers_named(read_safetensors(path))
     config = infer_config(tensors, str(path), preset.head_dim if preset else 128)
     return Checkpoint(_named(config, preset, path), tensors, layout, [path])
@@ -342,11 +368,22 @@ def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def materialize(tensors: Mapping[str, torch.Tensor], expected: Iterable[str], dtype: torch.dtype | None,
-                device: torch.device | str) -> dict[str, torch.Tensor]:
-    """The tensors the model needs, in their final dtype and device (a no-op view when they match)."""
+                device: torch.device | str, keep_quantized: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors the model needs, in their final dtype and device (a no-op view when they match).
+    GGUF-quantized weights (`runtime.gguf`) are dequantized to that dtype, or with `keep_quantized`
+    kept in their blocks with their type (for a model of `GgufLinear` layers)."""
     out = {}
     for name in expected:
         t = tensors[name]
         target = parameter_dtype(name, dtype) if dtype is not None and t.is_floating_point() else t.dtype
+        if name + GGUF_TYPE in tensors:
+            from .gguf import dequantize
+
+            kind = tensors[name + GGUF_TYPE]
+            if keep_quantized:
+                out[name], out[name + GGUF_TYPE] = t.to(device), kind
+            else:
+                out[name] = dequantize(t.to(device), int(kind), parameter_dtype(name, dtype or torch.float32))
+            continue
         out[name] = t.to(device=device, dtype=target)
     return out

@@ -1,6 +1,9 @@
 """Quantization error, one run: FP8 (Model Optimizer's calibration, what the TensorRT FP8 entry
 computes) and NVFP4 (this project's emulation of the TensorRT NVFP4 entry, max-calibrated) against
-the unquantized model, plus the per-layer and weight-only parts. Runs on the CPU.
+the unquantized model, plus the per-layer and weight-only parts; then, through the front on seeded
+weights written to disk: INT8 W8A8 (`quantize="int8"`) in fp32 and bf16, with the time per forward
+of int8, fp32 and bf16 side by side, and every GGUF type `wan-build gguf` writes, with the bytes of
+weights each model holds. Runs on the CPU.
 
 Random weights are not a trained Wan: trained activations have outliers that random ones lack, so
 these numbers bound the arithmetic, not the quality of a real checkpoint.
@@ -80,13 +83,74 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - Model Optimizer missing: report NVFP4 alone
         out["fp8_model"] = f"not measured: {type(e).__name__}: {e}"
 
+    out.update(front_types(config, latent))
+
     print(f"{config.name}, {config.num_layers} layers, latent {latent} ({out['tokens']} tokens), "
           f"{len(names)} quantized linear layers (first/last {out['kept_blocks_each_end']} blocks kept)")
     for key in ("fp8_model", "nvfp4_model", "nvfp4_weights_only_model", "nvfp4_weight_per_layer_mean"):
         value = out[key]
         print(f"  {key:30s} {value:.3e}" if isinstance(value, float) else f"  {key:30s} {value}")
+    print(f"  {'through the front':30s} {'rel. error':>10s} {'s/forward':>10s} {'x fp32':>7s} {'weights held':>13s}")
+    for name, row in out["front"].items():
+        seconds = row.get("seconds")
+        print(f"  {name:30s} {row['error']:10.3e} " + (f"{seconds:10.3f} {seconds / out['front']['fp32']['seconds']:7.2f}"
+                                                     if seconds else f"{'-':>10s} {'-':>7s}")
+              + f" {row['weights_bytes'] / 1e6:10.1f} MB")
+    print("  error: against the fp32 model on the same weights and inputs; GGUF types: the file wan-build gguf "
+          "writes, served by the front with its weights kept quantized")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def front_types(config, latent) -> dict:
+    """INT8 and GGUF through `WanTransformer` on seeded weights written to a temporary folder."""
+    import tempfile
+
+    from builder.gguf_tools import WRITE_TYPES, write_gguf
+    from builder.init_weights import init_weights
+    from runtime import WanTransformer
+
+    x_shape = (1, config.in_channels, *latent)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(x_shape, generator=g), torch.tensor([500.0])
+    ctx = torch.randn(1, 512, config.text_dim, generator=g)
+    image = torch.randn(1, config.image_tokens, config.image_dim, generator=g) if config.image_dim else None
+
+    def timed(model, dtype, reps=3):
+        args = (x.to(dtype), t, ctx.to(dtype)) + ((image.to(dtype),) if image is not None else ())
+        with torch.no_grad():
+            out = model(*args).sample
+            start = time.perf_counter()
+            for _ in range(reps):
+                model(*args)
+        return out.float(), (time.perf_counter() - start) / reps
+
+    def held(model) -> int:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        init_weights(config, Path(tmp) / "w", seed=0)
+        fp32 = WanTransformer.from_pretrained(Path(tmp) / "w")
+        reference, seconds = timed(fp32, torch.float32)
+        rows["fp32"] = {"error": 0.0, "seconds": seconds, "weights_bytes": held(fp32)}
+        for name, dtype, quantize in (("bf16", torch.bfloat16, None), ("int8 (fp32 elsewhere)", torch.float32, "int8"),
+                                      ("int8 (bf16 elsewhere)", torch.bfloat16, "int8")):
+            model = WanTransformer.from_pretrained(Path(tmp) / "w", dtype, quantize=quantize)
+            got, seconds = timed(model, dtype)
+            rows[name] = {"error": rel(got, reference), "seconds": seconds, "weights_bytes": held(model)}
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            return {"front": rows, "gguf": "not measured: pip install gguf"}
+        for kind in WRITE_TYPES:
+            path = Path(tmp) / f"m-{kind}.gguf"
+            write_gguf(Path(tmp) / "w", kind, path, echo=lambda s: None)
+            model = WanTransformer.from_pretrained(path, preset=config)  # its head_dim is not read off a file
+            got, seconds = timed(model, torch.float32, reps=1)
+            rows[f"GGUF {kind}"] = {"error": rel(got, reference), "seconds": seconds, "weights_bytes": held(model),
+                                    "file_bytes": path.stat().st_size}
+    return {"front": rows}
 
 
 if __name__ == "__main__":

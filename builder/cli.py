@@ -150,14 +150,14 @@ def plan(
 
 @app.command()
 def gpus() -> None:
-    """List the GPUs the planner knows: memory, compute capability, FP8/NVFP4, bf16 rate.
+    """List the GPUs the planner knows: memory, compute capability, FP8/INT8/NVFP4, bf16 rate.
 
     Example: wan-build gpus
     """
     from .planning.costs import gpus as table
 
     for g in table():
-        support = [p for p in ("fp8", "nvfp4") if g.supports(p)]
+        support = [p for p in ("fp8", "int8", "nvfp4") if g.supports(p)]
         rate = f"{g.bf16_tflops:g} TFLOP/s bf16 (datasheet)" + (
             f", {g.measured_bf16_tflops:g} measured" if g.measured_bf16_tflops else "")
         typer.echo(f"{g.name:14s} {g.memory_gb:5g} GB  cc {g.compute_capability:4s}  {rate:42s} "

@@ -196,7 +196,7 @@ class WanTransformer(nn.Module):
 
     def quantize_int8(self) -> list[str]:
         """Make the middle blocks' linear layers INT8 (W8A8, `runtime.int8`) in place; returns their names.
-        Engines do not serve an INT8 model (none is built for it yet): its calls run the static model."""
+        With bf16 elsewhere, `precision: int8` entries (AOTInductor) serve it; with fp32 no engine does."""
         from .int8 import quantize_int8
 
         if self.gguf or self._fp8 or self._int8:
@@ -340,8 +340,8 @@ class WanTransformer(nn.Module):
         """The engine precision this model runs now (follows `.to(dtype)`), None for a dtype no engine has."""
         if self._fp8:
             return Precision.FP8.value
-        if self._int8:
-            return None
+        if self._int8:  # INT8 engines have bf16 around their int8 layers
+            return Precision.INT8.value if self.dtype == torch.bfloat16 else None
         try:
             return Precision.of_dtype(self.dtype).value
         except ValueError:

@@ -20,6 +20,7 @@ class Precision(str, Enum):
     BF16 = "bf16"
     FP8 = "fp8"  # FP8 weights/activations in the linear layers, bf16 elsewhere
     NVFP4 = "nvfp4"  # 4-bit weights with FP8 block scales (Blackwell), bf16 elsewhere
+    INT8 = "int8"  # int8 weights/activations in the linear layers (W8A8, runtime.int8), bf16 elsewhere
 
     @property
     def facts(self) -> "PrecisionFacts":
@@ -85,6 +86,9 @@ FACTS: dict[Precision, PrecisionFacts] = {
     Precision.FP8: PrecisionFacts(torch.bfloat16, True, 5e-2, 1.0, 2, (8, 9), "Ada, Hopper, Blackwell"),
     # nvfp4: half a byte plus one fp8 scale per 16 weights
     Precision.NVFP4: PrecisionFacts(torch.bfloat16, True, 1e-1, 0.5 + 1 / 16, 2, (10, 0), "Blackwell"),
+    # int8: one byte plus a per-channel scale; runs on CPUs too (torch._int_mm), on CUDA from Turing (7.5,
+    # checked by runtime.int8 and the planner's GPU table); against the eager INT8 model (the same integers)
+    Precision.INT8: PrecisionFacts(torch.bfloat16, True, 5e-2, 1.0, 2, None, "int8 tensor cores (Turing or newer) or a CPU"),
 }
 
 PRECISIONS = tuple(p.value for p in Precision)

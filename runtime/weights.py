@@ -251,6 +251,9 @@ def infer_config(tensors: Mapping[str, torch.Tensor], name: str, head_dim: int =
         out = tensors["proj_out.weight"].shape[0]
     except KeyError as e:
         raise WeightsError(f"{name}: cannot infer the model config, tensor {e} is missing") from None
+    if d % head_dim:
+        raise WeightsError(f"{name}: model dim {d} is not a multiple of head_dim {head_dim} (every Wan release has "
+                           "head_dim 128); pass preset= (a name or a WanConfig) to say which model this is")
     layers = len({k.split(".")[1] for k in tensors if k.startswith("blocks.")})
     patch_volume = patch[0] * patch[1] * patch[2]
     image = tensors.get("condition_embedder.image_embedder.norm1.weight")

@@ -87,6 +87,12 @@ def test_quantization_error_harness_runs_tiny(tmp_path):
     assert q["quantized_layers"] == 20 and q["tokens"] == 12
     assert 1e-3 < q["nvfp4_model"] < 0.3 and 0.02 < q["nvfp4_weight_per_layer_mean"] < 0.2
     assert 1e-3 < q["nvfp4_weights_only_model"] < 0.3
+    front = q["front"]
+    assert front["fp32"]["error"] == 0.0 and 1e-3 < front["bf16"]["error"] < 2e-2
+    assert all(1e-4 < front[k]["error"] < 5e-2 for k in ("int8 (fp32 elsewhere)", "int8 (bf16 elsewhere)"))
+    assert front["int8 (fp32 elsewhere)"]["weights_bytes"] < front["fp32"]["weights_bytes"]
+    # GGUF: the layers whose rows are whole 32-value blocks are quantized (ffn.net.2, the text embedding)
+    assert 1e-4 < front["GGUF Q8_0"]["error"] < front["GGUF Q4_0"]["error"] < 0.1
     if importlib.util.find_spec("modelopt") is None:
         assert q["fp8_model"].startswith("not measured")
     else:

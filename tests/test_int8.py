@@ -56,3 +56,34 @@ def test_quantize_int8_on_the_front(tmp_path, dtype):
         model.quantize_int8()
     with pytest.raises(InputError, match="int8"):
         WanTransformer.from_pretrained(tmp_path, torch.float16, quantize="int8")
+
+
+def test_an_int8_aoti_entry_serves_the_int8_front(tmp_path):
+    """`precision: int8` with AOTInductor: the recipe's layers W8A8 in the package (torch._int_mm),
+    bf16 elsewhere; the engine serves the front loaded with quantize="int8", and equals it."""
+    from builder.build import build
+    from builder.profiles import load_profile
+
+    init_weights(CONFIG, tmp_path / "w", seed=2)
+    (tmp_path / "p.yaml").write_text(f"name: i8\nmodel: {{weights: {tmp_path / 'w'}}}\nprecision: int8\n"
+                                     "backends: [aoti, onnxruntime]\nshapes:\n  - {frames: 5, height: 32, width: 48}\n"
+                                     "text_tokens: 16\ndevice: cpu\n")
+    report = build(load_profile(tmp_path / "p.yaml"), tmp_path / "engines", echo=lambda s: None)
+    statuses = {r.entry.backend: (r.status, r.message) for r in report.results}
+    assert statuses["aoti"][0] == "built", statuses
+    assert statuses["onnxruntime"][0] == "skipped" and "aoti" in statuses["onnxruntime"][1]
+    entry = next(r for r in report.results if r.entry.backend == "aoti")
+    assert entry.relative_error < 5e-2
+    served = WanTransformer.from_pretrained(tmp_path / "w", torch.bfloat16, quantize="int8", engines=tmp_path / "engines")
+    eager = WanTransformer.from_pretrained(tmp_path / "w", torch.bfloat16, quantize="int8")
+    x, t, ctx, _ = make_inputs(CONFIG, 1, (2, 4, 6), text_tokens=16)
+    with torch.no_grad():
+        got = served(x.bfloat16(), t, ctx.bfloat16()).sample
+        ref = eager(x.bfloat16(), t, ctx.bfloat16()).sample
+    assert served.last_route.backend == "aoti" and served.precision == "int8"
+    assert relative_error(got, ref) < 2e-2  # bf16 around the same integers; fusions round elsewhere
+    # the unquantized bf16 front is not served by the int8 entry
+    plain = WanTransformer.from_pretrained(tmp_path / "w", torch.bfloat16, engines=tmp_path / "engines")
+    with torch.no_grad():
+        plain(x.bfloat16(), t, ctx.bfloat16())
+    assert plain.last_route.backend == "eager" and "int8" in plain.last_route.reason

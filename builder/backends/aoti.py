@@ -18,6 +18,7 @@ import torch
 
 from runtime.backends.aoti import AOTIEngine, load_package
 from runtime.fp8 import quantize_fp8
+from runtime.int8 import quantize_int8
 from runtime.manifest import AOTI_FILE
 from runtime.precision import Precision
 from runtime.static import StaticWanTransformer
@@ -41,6 +42,14 @@ def compile_aoti(model: StaticWanTransformer, inputs: tuple[torch.Tensor, ...], 
     return data
 
 
+def quantize(model: StaticWanTransformer, precision: str) -> None:
+    """The quantized layers of an `fp8` or `int8` entry, in place (the same recipe as the front's)."""
+    if precision == Precision.INT8.value:
+        quantize_int8(model, model.config.num_layers)
+    else:
+        quantize_fp8(model, model.config.num_layers)
+
+
 class AOTIBuilder(BuilderBackend):
     name = "aoti"
 
@@ -56,8 +65,8 @@ class AOTIBuilder(BuilderBackend):
         with torch.no_grad():
             unquantized = model(*inputs)
         reference = unquantized
-        if job.entry.precision == Precision.FP8.value:  # FP8 linear layers through torch._scaled_mm
-            quantize_fp8(model, job.profile.config.num_layers)
+        if job.entry.precision in (Precision.FP8.value, Precision.INT8.value):
+            quantize(model, job.entry.precision)  # FP8 through torch._scaled_mm, INT8 through torch._int_mm
             with torch.no_grad():
                 reference = model(*inputs)
             job.record["quantization_error"] = compare(reference, unquantized, 1.0).to_json()
@@ -69,6 +78,6 @@ class AOTIBuilder(BuilderBackend):
         return engine(*inputs), reference
 
     def verify_reference(self, entry, model) -> float:
-        if entry.precision == Precision.FP8.value:  # deterministic: the engine's own FP8 layers
-            quantize_fp8(model, model.config.num_layers)
+        if entry.precision in (Precision.FP8.value, Precision.INT8.value):  # deterministic: the engine's own layers
+            quantize(model, entry.precision)
         return super().verify_reference(entry, model)

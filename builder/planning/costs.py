@@ -60,8 +60,19 @@ class Gpu:
     def supports(self, precision: str) -> bool:
         """The card has the tensor cores the precision needs (per-precision minimums: runtime.precision)."""
         p = Precision(precision)
-        rate = {Precision.FP8: self.fp8_tflops, Precision.NVFP4: self.fp4_tflops}.get(p, self.bf16_tflops)
+        if p == Precision.INT8 and self.cc < (7, 5):  # int8 tensor cores from Turing
+            return False
+        rate = {Precision.FP8: self.fp8_tflops, Precision.NVFP4: self.fp4_tflops,
+                Precision.INT8: self.int8_tops}.get(p, self.bf16_tflops)
         return p.hardware_problem("cuda", self.cc) is None and rate is not None
+
+    @property
+    def int8_tops(self) -> float | None:
+        """Dense int8 rate: the FP8 rate where the card has FP8 (Ada, Hopper, Blackwell datasheets give
+        equal int8 and fp8 rates), else twice the bf16 rate (Turing and Ampere tensor cores)."""
+        if self.fp8_tflops:
+            return self.fp8_tflops
+        return 2 * self.bf16_tflops if self.bf16_tflops else None
 
     @property
     def matmul_tflops(self) -> float:
@@ -248,7 +259,7 @@ def floor_seconds(config: WanConfig, shape: StaticShape, gpu: Gpu, precision: st
     the block linear layers run at that rate (attention stays bf16)."""
     fl = forward_flops(config, shape)
     bf16 = gpu.matmul_tflops * 1e12
-    fast = {"fp8": gpu.fp8_tflops, "nvfp4": gpu.fp4_tflops}.get(precision)
+    fast = {"fp8": gpu.fp8_tflops, "nvfp4": gpu.fp4_tflops, "int8": gpu.int8_tops}.get(precision)
     linear_rate = (fast * 1e12 * (gpu.matmul_tflops / gpu.bf16_tflops)) if fast else bf16
     seconds = (fl.total - fl.linear) / bf16 + fl.linear / linear_rate
     return seconds * (2 if cfg else 1)
@@ -258,7 +269,7 @@ def floor_seconds(config: WanConfig, shape: StaticShape, gpu: Gpu, precision: st
 FIT_MODES = ("fits", "offload", "streaming", "no")
 FIT_LABELS = {"fits": "fits", "offload": "fits with expert offload", "streaming": "fits with weight streaming",
               "no": "does not fit"}
-QUALITY_ORDER = ("bf16", "fp8", "nvfp4")
+QUALITY_ORDER = ("bf16", "fp8", "int8", "nvfp4")  # int8 where a card has no fp8 (A100, A10, RTX 30xx)
 
 
 @dataclass(frozen=True)
@@ -336,7 +347,7 @@ def gpu_report(config: WanConfig, gpu: Gpu, sizes: list[tuple[int, int, int]], b
 
     rate = (f"bf16 {gpu.matmul_tflops:g} TFLOP/s ({'measured' if gpu.measured_bf16_tflops else 'datasheet'})"
             if gpu.bf16_tflops else "no rate given")
-    support = ", ".join(p for p in ("fp8", "nvfp4") if gpu.supports(p) and gpu.bf16_tflops) or "no fp8/nvfp4 data"
+    support = ", ".join(p for p in ("fp8", "int8", "nvfp4") if gpu.supports(p) and gpu.bf16_tflops) or "no fp8/int8/nvfp4 data"
     lines = [f"GPU {gpu.name}: {gpu.memory_gb:g} GB, compute capability {gpu.compute_capability}, {rate}; {support}"]
     two = config.experts > 1
     head = f"{'video size':16s} {'batch':>5s} {'prec.':6s} {'all experts':>12s} "
@@ -359,5 +370,5 @@ def gpu_report(config: WanConfig, gpu: Gpu, sizes: list[tuple[int, int, int]], b
                              + " ".join(c.rjust(12 if i < len(cells) - 1 else 10) for i, c in enumerate(cells))
                              + f" {floor}")
     lines.append("GB needed per mode (ok = fits); floor = FLOPs per step (CFG: 2 forwards) / matmul rate, "
-                 "fp8/nvfp4 linear layers at their rate")
+                 "fp8/int8/nvfp4 linear layers at their rate")
     return lines

@@ -104,4 +104,4 @@ def plan(config: WanConfig, frames: int, height: int, width: int, batch: int = 1
     latent = latent_size(config, frames, height, width)
     shape = StaticShape.for_latent(config, batch, latent, text_tokens)
     return Plan(config, (frames, height, width), shape, parameter_count(config),
-                {p: weight_bytes(config, p) for p in ("fp32", "bf16", "fp16", "fp8", "nvfp4")}, forward_flops(config, shape))
+                {p: weight_bytes(config, p) for p in ("fp32", "bf16", "fp16", "fp8", "int8", "nvfp4")}, forward_flops(config, shape))

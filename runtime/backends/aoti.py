@@ -74,6 +74,8 @@ class AOTIBackend(Backend):
     def runs(self, precision: Precision, device: torch.device, capability: tuple[int, int] | None) -> str | None:
         if precision == Precision.NVFP4:
             return "NVFP4 engines are built by the tensorrt backend only"
+        if precision == Precision.INT8 and torch.device(device).type == "cuda" and capability and tuple(capability) < (7, 5):
+            return "int8 needs int8 tensor cores: compute capability 7.5 (Turing) or newer"
         return super().runs(precision, device, capability)
 
     def compatibility(self, entry: Entry, device: torch.device, capability: tuple[int, int] | None,

@@ -133,7 +133,7 @@ class InductorBackend(Backend):
     def runs(self, precision: Precision, device: torch.device, capability: tuple[int, int] | None) -> str | None:
         if precision.quantized:
             return f"{precision.value} engines are built by the tensorrt backend" + (
-                " and aoti" if precision == Precision.FP8 else "") + "; inductor builds fp32, fp16 and bf16"
+                " and aoti" if precision in (Precision.FP8, Precision.INT8) else "") + "; inductor builds fp32, fp16 and bf16"
         return super().runs(precision, device, capability)
 
     def compatibility(self, entry: Entry, device: torch.device, capability: tuple[int, int] | None,

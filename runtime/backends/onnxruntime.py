@@ -139,7 +139,7 @@ class OnnxRuntimeBackend(Backend):
     def runs(self, precision: Precision, device: torch.device, capability: tuple[int, int] | None) -> str | None:
         if precision.quantized:
             return (f"{precision.value} engines are built by the tensorrt backend"
-                    + (" and aoti" if precision == Precision.FP8 else "") + "; onnxruntime builds fp32, fp16 and bf16")
+                    + (" and aoti" if precision in (Precision.FP8, Precision.INT8) else "") + "; onnxruntime builds fp32, fp16 and bf16")
         if torch.device(device).type == "cuda":
             return cuda_provider_problem() if self.missing_library() is None else None
         if precision == Precision.BF16:

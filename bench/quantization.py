@@ -2,8 +2,8 @@
 computes) and NVFP4 (this project's emulation of the TensorRT NVFP4 entry, max-calibrated) against
 the unquantized model, plus the per-layer and weight-only parts; then, through the front on seeded
 weights written to disk: INT8 W8A8 (`quantize="int8"`) in fp32 and bf16, with the time per forward
-of int8, fp32 and bf16 side by side, and every GGUF type `wan-build gguf` writes, with the bytes of
-weights each model holds. Runs on the CPU.
+of int8, fp32 and bf16 side by side, INT4 weight-only (`quantize="int4"`), and every GGUF type
+`wan-build gguf` writes, with the bytes of weights each model holds. Runs on the CPU.
 
 Random weights are not a trained Wan: trained activations have outliers that random ones lack, so
 these numbers bound the arithmetic, not the quality of a real checkpoint.
@@ -109,6 +109,7 @@ def front_types(config, latent) -> dict:
     from builder.gguf_tools import WRITE_TYPES, write_gguf
     from builder.init_weights import init_weights
     from runtime import WanTransformer
+    from runtime.errors import WanBuildError
 
     x_shape = (1, config.in_channels, *latent)
     g = torch.Generator().manual_seed(5)
@@ -139,6 +140,14 @@ def front_types(config, latent) -> dict:
             model = WanTransformer.from_pretrained(Path(tmp) / "w", dtype, quantize=quantize)
             got, seconds = timed(model, dtype)
             rows[name] = {"error": rel(got, reference), "seconds": seconds, "weights_bytes": held(model)}
+        try:
+            model = WanTransformer.from_pretrained(Path(tmp) / "w", torch.bfloat16, quantize="int4")
+        except WanBuildError as e:  # rows that are no whole number of 128-value groups (the tiny presets)
+            rows["int4 (bf16 activations)"] = {"error": float("nan"), "weights_bytes": 0, "note": str(e)}
+        else:
+            got, seconds = timed(model, torch.bfloat16)
+            rows["int4 (bf16 activations)"] = {"error": rel(got, reference), "seconds": seconds,
+                                               "weights_bytes": held(model)}
         try:
             import gguf  # noqa: F401
         except ImportError:

@@ -88,7 +88,8 @@ class WanTransformer(nn.Module):
         self._warned_attention_kwargs = False
         self._warned_nonfinite = False
         self._fp8 = False
-        self._int8 = False  # runtime.int8 layers (no engine precision yet: calls run the static model)
+        self._int8 = False  # runtime.int8 layers (precision int8 with bf16 elsewhere)
+        self._int4 = False  # runtime.int4 layers (no engine precision: calls run the static model)
         self._loras: list = []  # [(LoraFile, strength)], merged into the parameters
         self._lora_base: dict[str, torch.Tensor] = {}  # the base tensors of the parameters LoRAs changed
         # FP8 layers: their high-precision weights as read (memory-mapped checkpoint views, no copy), what
@@ -179,11 +180,16 @@ class WanTransformer(nn.Module):
                 raise InputError(f"quantize='int8' with torch_dtype={model.dtype} is not supported; use "
                                  "torch_dtype=torch.bfloat16 or torch.float32")
             model.quantize_int8()
+        elif quantize == "int4":
+            if model.dtype != torch.bfloat16:
+                raise InputError(f"quantize='int4' with torch_dtype={model.dtype} is not supported; INT4 layers "
+                                 "take bf16 activations: use torch_dtype=torch.bfloat16")
+            model.quantize_int4()
         elif quantize is not None:
             if quantize != "fp8" or model.dtype != torch.bfloat16:
                 raise InputError(f"quantize={quantize!r} with torch_dtype={model.dtype} is not supported; "
-                                 "use quantize='fp8' with torch_dtype=torch.bfloat16, or quantize='int8' with "
-                                 "torch_dtype=torch.bfloat16 or torch.float32")
+                                 "use quantize='fp8' or 'int4' with torch_dtype=torch.bfloat16, or quantize='int8' "
+                                 "with torch_dtype=torch.bfloat16 or torch.float32")
             model.quantize_fp8(fp8_scaling, source=checkpoint.tensors)
         if engines is not None:
             fingerprint = weights_fingerprint(checkpoint.tensors, checkpoint.files)
@@ -199,13 +205,26 @@ class WanTransformer(nn.Module):
         With bf16 elsewhere, `precision: int8` entries (AOTInductor) serve it; with fp32 no engine does."""
         from .int8 import quantize_int8
 
-        if self.gguf or self._fp8 or self._int8:
-            raise InputError("quantize_int8: this model is quantized already (GGUF, FP8 or INT8); load the "
+        names = self._quantize_weights("int8", quantize_int8)
+        self._int8 = bool(names)
+        return names
+
+    def quantize_int4(self) -> list[str]:
+        """Make the middle blocks' linear layers INT4 weight-only (groups of 128, bf16 activations,
+        `runtime.int4`) in place; returns their names. No engine serves an INT4 model yet."""
+        from .int4 import quantize_int4
+
+        names = self._quantize_weights("int4", quantize_int4)
+        self._int4 = bool(names)
+        return names
+
+    def _quantize_weights(self, kind: str, quantize) -> list[str]:
+        if self.gguf or self._fp8 or self._int8 or self._int4:
+            raise InputError(f"quantize_{kind}: this model is quantized already (GGUF, FP8, INT8 or INT4); load the "
                              "safetensors checkpoint")
         if self._loras:
-            log.info("quantize_int8: the merged LoRAs are quantized in and stay")
-        names = quantize_int8(self, self.wan_config.num_layers)
-        self._int8 = bool(names)
+            log.info("quantize_%s: the merged LoRAs are quantized in and stay", kind)
+        names = quantize(self, self.wan_config.num_layers)
         self._drop_built()
         return names
 
@@ -246,9 +265,9 @@ class WanTransformer(nn.Module):
         are active: those calls run the eager (or compiled) static model, and `last_route` says why."""
         from .lora import LoraFile, merged_tensors, plan_updates, read_loras
 
-        if self._int8:
-            raise InputError("set_loras on an INT8 model: pass loras= to from_pretrained with quantize='int8' "
-                             "(they are merged before quantizing)")
+        if self._int8 or self._int4:
+            raise InputError(f"set_loras on an {'INT8' if self._int8 else 'INT4'} model: pass loras= to "
+                             "from_pretrained with quantize= (they are merged before quantizing)")
         if self.gguf:
             raise InputError("set_loras on a GGUF model: its weights stay quantized, so LoRAs cannot be merged "
                              "into them; load the safetensors checkpoint (or the GGUF file with engines=, which "
@@ -342,6 +361,8 @@ class WanTransformer(nn.Module):
             return Precision.FP8.value
         if self._int8:  # INT8 engines have bf16 around their int8 layers
             return Precision.INT8.value if self.dtype == torch.bfloat16 else None
+        if self._int4:
+            return None
         try:
             return Precision.of_dtype(self.dtype).value
         except ValueError:

@@ -427,6 +427,10 @@ class StaticWanTransformer(nn.Module):
                 from .int8 import swap_int8_layers
 
                 swap_int8_layers(model, parameters)
+            if any(name.endswith(".weight_scale_and_zeros") for name in parameters):  # runtime.int4 layers
+                from .int4 import swap_int4_layers
+
+                swap_int4_layers(model, parameters)
             if any(name.endswith(GGUF_TYPE) for name in parameters):  # GGUF weights kept in their blocks
                 from .gguf import swap_gguf_layers
 

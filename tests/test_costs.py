@@ -188,13 +188,18 @@ def test_fits_on_known_gpus():
     s480 = StaticShape.for_latent(i2v, 1, latent_size(i2v, 81, 480, 832))
     s720 = StaticShape.for_latent(i2v, 1, latent_size(i2v, 81, 720, 1280))
     assert best_fit(i2v, s480, find_gpu("h100")).short() == "bf16"
-    assert best_fit(i2v, s480, find_gpu("A100 40GB")).short() == "bf16 +offload"
+    # no FP8 on an A100: int8 keeps both experts resident where bf16 needed the idle one offloaded
+    assert best_fit(i2v, s480, find_gpu("A100 40GB")).short() == "int8"
+    assert best_fit(i2v, s480, find_gpu("A100 40GB"), ("bf16", "fp8", "nvfp4")).short() == "bf16 +offload"
+    assert best_fit(i2v, s480, find_gpu("A10")).short() == "int8 +offload"
     assert best_fit(i2v, s480, find_gpu("rtx 4090")).short() == "fp8 +offload"
     assert best_fit(i2v, s480, find_gpu("RTX 5090")).short() == "nvfp4"  # Blackwell
     assert best_fit(i2v, s720, find_gpu("l40s")).short() == "fp8"
     assert best_fit(i2v, s720, custom_gpu(8)).mode == "no"
     # FP8/NVFP4 only where the hardware has them.
     assert not find_gpu("a100").supports("fp8") and not find_gpu("h100").supports("nvfp4")
+    assert find_gpu("a100").supports("int8") and find_gpu("a100").int8_tops == 2 * find_gpu("a100").bf16_tflops
+    assert floor_seconds(i2v, s480, find_gpu("a100"), "int8") < floor_seconds(i2v, s480, find_gpu("a100"), "bf16")
     # Floors: 14B 480p step with CFG on an H100 at its datasheet rate, ~3.4 s; fp8 linear layers lower it.
     h100 = find_gpu("h100")
     assert floor_seconds(i2v, s480, h100, "bf16") == pytest.approx(2 * 1.678e15 / 989e12, rel=1e-3)

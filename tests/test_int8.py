@@ -87,3 +87,42 @@ def test_an_int8_aoti_entry_serves_the_int8_front(tmp_path):
     with torch.no_grad():
         plain(x.bfloat16(), t, ctx.bfloat16())
     assert plain.last_route.backend == "eager" and "int8" in plain.last_route.reason
+
+
+# -- INT4 weight-only -------------------------------------------------------------------------------
+def test_int4_layers_are_torchs_packed_matmul_of_their_dequantized_weights():
+    from runtime.int4 import Int4Linear, pack_pairs, quantize_groups, unpack_pairs
+
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96).bfloat16()
+    layer = Int4Linear.from_linear(linear)
+    q, _ = quantize_groups(linear.weight)
+    assert torch.equal(unpack_pairs(pack_pairs(q)), q) and q.max() <= 15
+    assert layer.weight.shape == (96, 128) and layer.weight_scale_and_zeros.shape == (2, 96, 2)
+    x = torch.randn(2, 40, 256).bfloat16()
+    out = layer(x)
+    assert not layer._kernel_failed  # torch's kernel ran, not the fallback
+    reference = (torch.nn.functional.linear(x.float(), layer.dequantized()) + layer.bias.float())
+    assert relative_error(out, reference) < 1e-2  # bf16 output of the same product
+    assert 1e-2 < relative_error(layer.dequantized(), linear.weight) < 0.2  # 4-bit groups of 128
+    with pytest.raises(Exception, match="multiple"):
+        Int4Linear(100, 8)
+
+
+def test_quantize_int4_on_the_front(tmp_path):
+    config = CONFIG.replace(num_heads=2, head_dim=128, ffn_dim=256)  # rows of whole 128-value groups
+    init_weights(config, tmp_path, seed=2)
+    base = WanTransformer.from_pretrained(tmp_path, torch.bfloat16)
+    model = WanTransformer.from_pretrained(tmp_path, torch.bfloat16, quantize="int4")
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert kinds["blocks.1.attn1.to_q"] == "Int4Linear" and kinds["blocks.0.attn1.to_q"] == "Linear"
+    x, t, ctx, _ = make_inputs(config, 1, (2, 4, 6))
+    with torch.no_grad():
+        out = model(x.bfloat16(), t, ctx.bfloat16()).sample
+        ref = base(x.bfloat16(), t, ctx.bfloat16()).sample
+    assert torch.isfinite(out).all() and 1e-3 < relative_error(out, ref) < 0.2
+    held = sum(p.numel() * p.element_size() for p in model.get_submodule("blocks.1").parameters())
+    full = sum(p.numel() * p.element_size() for p in base.get_submodule("blocks.1").parameters())
+    assert held < 0.4 * full
+    with pytest.raises(InputError, match="bf16"):
+        WanTransformer.from_pretrained(tmp_path, torch.float32, quantize="int4")

@@ -19,18 +19,37 @@ def parameter_count(config: WanConfig) -> int:
     return sum(s.numel() for s in parameter_shapes(config).values())
 
 
+# Bytes per weight of the formats that are no engine precision: INT4 weight-only (half a byte, a bf16
+# scale and zero per 128) and GGUF block types (ggml's block bytes over its values per block).
+WEIGHT_ONLY_BYTES = {"int4": 0.5 + 4 / 128, "Q8_0": 34 / 32, "Q5_1": 24 / 32, "Q5_0": 22 / 32, "Q4_1": 20 / 32,
+                     "Q4_0": 18 / 32, "Q6_K": 210 / 256, "Q5_K": 176 / 256, "Q4_K": 144 / 256, "Q3_K": 110 / 256,
+                     "Q2_K": 84 / 256}
+GGUF_TYPES = tuple(k for k in WEIGHT_ONLY_BYTES if k != "int4")
+
+
 @functools.lru_cache(maxsize=256)
+
 def weight_bytes(config: WanConfig, precision: str) -> float:
-    """Weights of one expert at `precision`. Quantized precisions apply to the linear weights of the
-    middle blocks only: embeddings, head, norms and the first and last blocks stay 16-bit, as in
-    Model Optimizer's Wan recipe (`runtime.fp8.kept_blocks`)."""
+    """Weights of one expert at `precision` (an engine precision, "int4", or a GGUF type). Quantized
+    precisions and int4 apply to the linear weights of the middle blocks only: embeddings, head, norms
+    and the first and last blocks stay 16-bit, as in Model Optimizer's Wan recipe
+    (`runtime.fp8.kept_blocks`). A GGUF type applies to what `wan-build gguf` quantizes (every
+    block's linear layers and the text embedding, rows of whole blocks), the rest held in bf16."""
+    from ..gguf_tools import quantized_here
+
     keep = kept_blocks(config.num_layers)
+    gguf = precision in GGUF_TYPES
+    per_quantized = WEIGHT_ONLY_BYTES[precision] if precision in WEIGHT_ONLY_BYTES \
+        else Precision(precision).facts.linear_weight_bytes
     total = 0.0
     for name, shape in parameter_shapes(config).items():
         parts = name.split(".")
-        quantizable = (parts[0] == "blocks" and keep <= int(parts[1]) < config.num_layers - keep
-                       and name.endswith(".weight") and len(shape) == 2)
-        per = Precision(precision).facts.linear_weight_bytes if quantizable or precision == "fp32" else 2.0
+        if gguf:
+            quantized = quantized_here(name, tuple(shape), 256 if precision.endswith("_K") else 32)
+        else:
+            quantized = (parts[0] == "blocks" and keep <= int(parts[1]) < config.num_layers - keep
+                         and name.endswith(".weight") and len(shape) == 2)
+        per = per_quantized if quantized or precision == "fp32" else 2.0
         total += shape.numel() * per
     return total
 
@@ -104,4 +123,5 @@ def plan(config: WanConfig, frames: int, height: int, width: int, batch: int = 1
     latent = latent_size(config, frames, height, width)
     shape = StaticShape.for_latent(config, batch, latent, text_tokens)
     return Plan(config, (frames, height, width), shape, parameter_count(config),
-                {p: weight_bytes(config, p) for p in ("fp32", "bf16", "fp16", "fp8", "int8", "nvfp4")}, forward_flops(config, shape))
+                {p: weight_bytes(config, p) for p in ("fp32", "bf16", "fp16", "fp8", "int8", "nvfp4", "int4", "Q8_0",
+                                                     "Q5_K", "Q4_K")}, forward_flops(config, shape))

@@ -165,13 +165,19 @@ def quantize_fp8(model: nn.Module, num_layers: int, scaling: str = "rowwise", ke
     (torch can emulate the FP8 matmul on the CPU; used by tests, far too slow for real use)."""
     if check_device:
         check_fp8_device(next(model.parameters()).device)
-    names = fp8_layer_names(model, num_layers, keep_blocks)
+    return replace_linears(model, fp8_layer_names(model, num_layers, keep_blocks),
+                           lambda linear: Fp8Linear.from_linear(linear, scaling))
+
+
+def replace_linears(model: nn.Module, names: list[str], make) -> list[str]:
+    """Replace each nn.Linear named in `names` by `make(linear)`, in place (the FP8, INT8 and INT4
+    recipes share their layers); returns `names`."""
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, leaf)
         if isinstance(linear, nn.Linear):
-            setattr(parent, leaf, Fp8Linear.from_linear(linear, scaling))
+            setattr(parent, leaf, make(linear))
     return names
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import WanBuildError
-from .fp8 import KEEP_BLOCKS, fp8_layer_names
+from .fp8 import KEEP_BLOCKS, fp8_layer_names, replace_linears
 
 log = logging.getLogger("wan_build.runtime")
 GROUP = 128
@@ -123,14 +123,7 @@ def check_int4_device(device: torch.device | str) -> None:
 def quantize_int4(model: nn.Module, num_layers: int, keep_blocks: int = KEEP_BLOCKS) -> list[str]:
     """Replace the recipe's linear layers by Int4Linear, in place; returns their names."""
     check_int4_device(next(model.parameters()).device)
-    names = fp8_layer_names(model, num_layers, keep_blocks)
-    for name in names:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, leaf)
-        if isinstance(linear, nn.Linear):
-            setattr(parent, leaf, Int4Linear.from_linear(linear))
-    return names
+    return replace_linears(model, fp8_layer_names(model, num_layers, keep_blocks), Int4Linear.from_linear)
 
 
 def swap_int4_layers(module: nn.Module, parameters) -> None:

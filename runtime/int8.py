@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import WanBuildError
-from .fp8 import KEEP_BLOCKS, fp8_layer_names
+from .fp8 import KEEP_BLOCKS, fp8_layer_names, replace_linears
 
 INT8_MAX = 127.0
 
@@ -91,14 +91,7 @@ def check_int8_device(device: torch.device | str) -> None:
 def quantize_int8(model: nn.Module, num_layers: int, keep_blocks: int = KEEP_BLOCKS) -> list[str]:
     """Replace the recipe's linear layers of a Wan model by Int8Linear, in place; returns their names."""
     check_int8_device(next(model.parameters()).device)
-    names = fp8_layer_names(model, num_layers, keep_blocks)
-    for name in names:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, leaf)
-        if isinstance(linear, nn.Linear):
-            setattr(parent, leaf, Int8Linear.from_linear(linear))
-    return names
+    return replace_linears(model, fp8_layer_names(model, num_layers, keep_blocks), Int8Linear.from_linear)
 
 
 def swap_int8_layers(module: nn.Module, parameters) -> None:

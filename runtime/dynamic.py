@@ -188,7 +188,7 @@ class WanTransformer(nn.Module):
         elif quantize is not None:
             if quantize != "fp8" or model.dtype != torch.bfloat16:
                 raise InputError(f"quantize={quantize!r} with torch_dtype={model.dtype} is not supported; "
-                                 "use quantize='fp8' or 'int4' with torch_dtype=torch.bfloat16, or quantize='int8' "
+                                 "use quantize='fp8' with torch_dtype=torch.bfloat16 (int4 too), or quantize='int8' "
                                  "with torch_dtype=torch.bfloat16 or torch.float32")
             model.quantize_fp8(fp8_scaling, source=checkpoint.tensors)
         if engines is not None:

@@ -79,8 +79,8 @@ def test_shipped_profiles_cover_the_use_cases():
 
 BAD = [
     ("name: x\nfoo: 1\n", r"p.yaml:2: foo: unknown key; allowed here: name, model"),
-    (VALID.replace("precision: [fp32, fp16]", "precision: [fp32, int8]"),
-     r"p.yaml:8: precision: 'int8' is not allowed; allowed: fp32, fp16, bf16, fp8, nvfp4"),
+    (VALID.replace("precision: [fp32, fp16]", "precision: [fp32, int4]"),
+     r"p.yaml:8: precision: 'int4' is not allowed; allowed: fp32, fp16, bf16, fp8, nvfp4, int8"),
     (VALID.replace("backends: [onnxruntime, aoti]", "backends: [onnx]"),
      r"p.yaml:9: backends: 'onnx' is not allowed; allowed: tensorrt, aoti, inductor, onnxruntime"),
     (VALID.replace("frames: 9,", "frames: 8,"), r"p.yaml:11: shapes\[0\]: frames=8 is not 4k\+1.*5 or 9"),

@@ -311,6 +311,43 @@ def test_fp8_calibration_and_qdq_on_the_cpu(tmp_path):
     assert ((out - fake_quantized).norm() / fake_quantized.norm()).item() < 1e-5
 
 
+@pytest.mark.slow
+def test_int8_calibration_and_qdq_on_the_cpu(tmp_path):
+    """INT8 for TensorRT: Model Optimizer's INT8 recipe calibrates on the CPU, and our INT8 Q/DQ graph
+    (per-tensor activations, per-channel weights) computes what its fake quantization does."""
+    pytest.importorskip("modelopt")
+    from builder.quantize.int8 import calibrate_int8, insert_int8_qdq
+
+    config = get_preset("tiny-t2v").replace(num_layers=8)
+    torch.manual_seed(0)
+    model = StaticWanTransformer(config, StaticShape(1, 3, 8, 12, 64)).eval()
+    tensors = {k: v.clone() for k, v in model.constants().items()}
+    path = export_onnx(config, model.shape, tensors, torch.float32, tmp_path, 23, named_weights=False)
+    held_out = model.example_inputs(99)
+    with torch.no_grad():
+        unquantized = model(*held_out)
+    calibration = calibrate_int8(model, [model.example_inputs(s) for s in range(3)], held_out)
+    assert sorted({n.split(".")[1] for n in calibration.input_amax}) == ["3", "4"]  # the recipe's middle blocks
+    assert all(w.numel() == model.get_submodule(n).weight.shape[0] for n, w in calibration.weight_amax.items())
+    assert 1e-4 < calibration.relative_error < 0.05
+    assert insert_int8_qdq(path, calibration, torch.float32) == 20
+    assert check_for_tensorrt(path, config)["qdq"] == 40
+    # The graph's arithmetic, run as written: ONNX Runtime's own QDQ rewrites (which fuse int8 Q/DQ into
+    # its integer kernels, and in 1.32 fail on these graphs) are no part of what TensorRT receives.
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = dict(zip([i.name for i in session.get_inputs()],
+                     [t.numpy() for t in held_out] + [tensors[n].numpy() for n in ("rope_cos", "rope_sin", "time_freqs")]))
+    out = torch.from_numpy(session.run(None, feeds)[0])
+    with torch.no_grad():
+        fake_quantized = model(*held_out)
+    assert ((out - fake_quantized).norm() / fake_quantized.norm()).item() < 1e-5
+    assert ((out - unquantized).norm() / unquantized.norm()).item() > 1e-4  # the Q/DQ nodes do quantize
+
+
 # -- refusals before deserializing -----------------------------------------------------------------
 def test_plans_are_refused_before_deserializing():
     from runtime.backends.tensorrt import compatibility_problem

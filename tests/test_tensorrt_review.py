@@ -311,7 +311,7 @@ def test_tf32_is_cleared_for_fp32_only_and_a_mismatched_timing_cache_is_not_used
 
     from .test_tensorrt import fake_tensorrt
 
-    for precision, cleared in (("fp32", True), ("bf16", False), ("fp8", False)):
+    for precision, cleared in (("fp32", True), ("bf16", False), ("fp8", False), ("int8", False)):
         trt = fake_tensorrt(VERSION)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         (tmp_path / precision).mkdir()

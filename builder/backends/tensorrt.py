@@ -42,6 +42,7 @@ from ..build.onnx_check import check_for_tensorrt
 from ..build.parity import PARITY_SEED
 from ..profiles import TensorRTOptions
 from ..quantize.fp8 import calibrate_fp8, insert_fp8_qdq
+from ..quantize.int8 import calibrate_int8, insert_int8_qdq
 from ..quantize.nvfp4 import calibrate_nvfp4, insert_nvfp4_qdq
 from . import BuilderBackend, Job
 
@@ -199,7 +200,7 @@ RUNTIME_ONLY = ("timing_cache", "cuda_graphs", "weight_streaming_budget_gb")
 
 
 def prepare_tensorrt_onnx(job: Job) -> tuple[Path, torch.Tensor]:
-    """Everything before TensorRT (runs without it): export in the entry's dtype; for fp8 and nvfp4,
+    """Everything before TensorRT (runs without it): export in the entry's dtype; for fp8, int8 and nvfp4,
     calibration with Model Optimizer (on the entry's recorded calls, or fixed-seed inputs) and Q/DQ
     insertion; weights shared; the graph checked. Returns the ONNX and the eager reference of
     exactly what the engine computes (fake-quantized for FP8, emulated for NVFP4)."""
@@ -223,6 +224,11 @@ def prepare_tensorrt_onnx(job: Job) -> tuple[Path, torch.Tensor]:
     if entry.precision == Precision.FP8.value:
         calibration = calibrate_fp8(model, calibration_inputs, inputs)
         insert_fp8_qdq(path, calibration, model.dtype)
+        reference = calibration.output  # Model Optimizer's fake quantization: what the engine computes
+        record["quantization_error"] = {**calibration.to_json(), "relative": calibration.relative_error}
+    elif entry.precision == Precision.INT8.value:
+        calibration = calibrate_int8(model, calibration_inputs, inputs)
+        insert_int8_qdq(path, calibration, model.dtype)
         reference = calibration.output  # Model Optimizer's fake quantization: what the engine computes
         record["quantization_error"] = {**calibration.to_json(), "relative": calibration.relative_error}
     elif entry.precision == Precision.NVFP4.value:

@@ -116,8 +116,7 @@ def run_wizard(answers: Answers, ask: Ask, echo: Callable[[str], None]) -> Path:
     for line in mem.lines():
         echo("  " + line)
 
-    default = "aoti" if precision == "int8" else "tensorrt,aoti"  # int8 entries: AOTInductor only, for now
-    backends = (answers.backends or ask("Backends (tensorrt, aoti, onnxruntime; comma-separated)", default))
+    backends = (answers.backends or ask("Backends (tensorrt, aoti, onnxruntime; comma-separated)", "tensorrt,aoti"))
     backend_list = [b.strip() for b in backends.split(",") if b.strip()]
     default_weights = f"../checkpoints/{case.preset}"
     weights = answers.weights or ask("Checkpoint folder (a diffusers pipeline folder for Wan2.2 A14B)", default_weights)

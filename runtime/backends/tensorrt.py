@@ -360,9 +360,8 @@ class TensorRTBackend(Backend):
     def runs(self, precision: Precision, device: torch.device, capability: tuple[int, int] | None) -> str | None:
         if torch.device(device).type != "cuda":
             return f"TensorRT plans run on CUDA devices, the model is on {torch.device(device).type}"
-        if precision == Precision.INT8:
-            return ("int8 TensorRT engines are not built yet (Model Optimizer's INT8 recipe through Q/DQ); "
-                    "int8 entries are built by the aoti backend")
+        if precision == Precision.INT8 and capability is not None and tuple(capability) < (7, 5):
+            return "int8 plans need int8 tensor cores: compute capability 7.5 (Turing) or newer"
         return super().runs(precision, device, capability)
 
     def compatibility(self, entry: Entry, device: torch.device, capability: tuple[int, int] | None,

@@ -255,16 +255,44 @@ def test_stage_entries_that_are_not_built_say_why(tmp_path):
     (tmp_path / "p.yaml").write_text(profile_text(tmp_path / "w", "tensorrt, inductor"))
     profile = load_profile(tmp_path / "p.yaml")
     planned = plan_entries(profile, {"main": "0" * 64}, torch.device("cpu"))
-    # inductor entries serve cached calls themselves; TensorRT stages are planned, and skipped with the reason
+    # inductor entries serve cached calls themselves; TensorRT stages are planned like ONNX Runtime's
     assert [(e.backend, e.stage) for e in planned] == [("tensorrt", None), *[("tensorrt", s) for s in STAGES],
                                                         ("inductor", None)]
     from builder.backends import builder
     from runtime.precision import Precision
 
-    assert "not built yet" in builder("tensorrt").stage_problem(Precision.FP32)
+    assert builder("tensorrt").stage_problem(Precision.FP32) is None  # built where TensorRT is
     assert "fp8" in builder("aoti").stage_problem(Precision.FP8)
     assert builder("onnxruntime").stage_problem(Precision.FP32) is None
     (tmp_path / "bad.yaml").write_text(profile_text(tmp_path / "w", "onnxruntime").replace("cache_stages: true",
                                                                                          "cache_stages: 3"))
     with pytest.raises(ProfileError, match="cache_stages"):
         load_profile(tmp_path / "bad.yaml")
+
+
+def test_tensorrt_stage_graphs_are_exported_and_checked_without_tensorrt(tmp_path, monkeypatch):
+    """Everything a TensorRT stage entry does before TensorRT: each stage's ONNX (opset 23, named
+    weights in the whole model's weights file) passes the graph check with its own attention count.
+    The plans themselves need TensorRT (not here)."""
+    import json
+
+    import builder.backends.tensorrt as trt_builder
+    from builder.build import build
+    from builder.profiles import load_profile
+
+    init_weights(CONFIG, tmp_path / "w", seed=3)
+    monkeypatch.setattr(trt_builder.TensorRTBuilder, "unavailable", lambda self, precision, device: None)
+
+    def graph_only(self, job):
+        _, reference = trt_builder.prepare_tensorrt_onnx(job)
+        return reference, reference  # what a perfect plan returns: the parity gate is not under test
+    monkeypatch.setattr(trt_builder.TensorRTBuilder, "build", graph_only)
+    (tmp_path / "p.yaml").write_text(profile_text(tmp_path / "w", "tensorrt"))
+    report = build(load_profile(tmp_path / "p.yaml"), tmp_path / "engines", echo=lambda s: None)
+    assert [r.status for r in report.results] == ["built"] * 5, "\n".join(report.table())
+    entries = json.loads((tmp_path / "engines" / "manifest.json").read_text())["entries"].values()
+    attention = {e["stage"]: e["build"]["onnx_check"]["attention"] for e in entries}
+    per_block = 2  # self- and cross-attention (text only)
+    assert attention == {None: per_block * CONFIG.num_layers, "prologue": 0, "first_block": per_block,
+                         "other_blocks": per_block * (CONFIG.num_layers - 1), "epilogue": 0}
+    assert len({e["files"]["model.onnx.data"]["sha256"] for e in entries}) == 1  # one weights file for all

@@ -535,3 +535,43 @@ def test_a_refittable_profile_builds_plans_that_take_the_models_weights(tmp_path
     entry = next(iter(json.loads((tmp_path / "out" / "manifest.json").read_text())["entries"].values()))
     assert entry["options"]["weights"] == "front" and entry["options"]["refittable"] is True
     assert len(entry["options"]["weights_layout"]) == 64
+
+
+# -- stage engines: a plan of several outputs ----------------------------------------------------------------
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_a_stage_plan_binds_every_output_by_name(monkeypatch, cuda_graphs):
+    """The prologue stage has four outputs: each is bound by its name (the plan lists them in another
+    order), and the call returns them in the entry's order, copies under CUDA graphs."""
+    from runtime.manifest import TensorInfo
+    from runtime.stages import StageModel, stage_example
+
+    model = StaticWanTransformer(CONFIG, SHAPE).eval()
+    stage = StageModel(model, "prologue")
+    ins, outs = stage_example(model, "prologue", model.example_inputs())
+    dtype = {torch.float32: "FLOAT"}
+    io = [(n, "INPUT", tuple(t.shape), "FLOAT") for n, t in zip(stage.input_names, ins)]
+    io += [("time_freqs", "INPUT", tuple(stage.constants()["time_freqs"].shape), "FLOAT")]
+    plan_outputs = list(zip(stage.output_names, outs))[::-1]  # not the entry's order
+    io += [(n, "OUTPUT", tuple(t.shape), dtype[t.dtype]) for n, t in plan_outputs]
+    calls = Recorder()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(calls, io))
+    monkeypatch.setattr(trt_runtime, "CUDA", fake_cuda(calls))
+    options = {"cuda_graphs": cuda_graphs}
+    entry = make_entry(CONFIG, SHAPE, "tensorrt", stage="prologue", options=options,
+                       device={"type": "cuda", "name": "NVIDIA H200", "compute_capability": "9.0"},
+                       inputs=tuple(TensorInfo.of(n, tuple(t.shape), t.dtype) for n, t in zip(stage.input_names, ins)),
+                       outputs=tuple(TensorInfo.of(n, tuple(t.shape), t.dtype) for n, t in zip(stage.output_names, outs)))
+    engine = trt_runtime.TensorRTEngine(entry, Path("/e/engine.plan"), b"PLAN", torch.device("cuda", 0),
+                                        stage.constants(), built_with=VERSION, built_for="9.0", options=options)
+    got = engine.run(*ins)
+    assert isinstance(got, tuple) and [tuple(t.shape) for t in got] == [tuple(t.shape) for t in outs]
+    bound = {c[1] for c in calls if c[0] == "set_tensor_address"}
+    assert set(stage.output_names) <= bound and "time_freqs" in bound
+    if cuda_graphs:
+        again = engine.run(*ins)
+        assert all(a.data_ptr() != b.data_ptr() for a, b in zip(got, again))  # copies, not the static buffers
+    # a plan whose outputs are not the entry's is refused before any call
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(calls, io[:-1]))
+    with pytest.raises(trt_runtime.EngineRefused, match="outputs"):
+        trt_runtime.TensorRTEngine(entry, Path("/e/engine.plan"), b"PLAN", torch.device("cuda", 0),
+                                   stage.constants(), built_with=VERSION, built_for="9.0", options=options)

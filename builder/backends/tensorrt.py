@@ -36,7 +36,7 @@ from runtime.errors import WanBuildError
 from runtime.manifest import FP4_DATA, ONNX_DATA, PLAN_FILE, WEIGHT_PREFIX, device_info
 from runtime.precision import Precision
 
-from ..build.export import TABLE_INPUTS, export_onnx
+from ..build.export import export_onnx, table_names
 from ..build.folder import locked_file, share_weights, write_atomic
 from ..build.onnx_check import check_for_tensorrt
 from ..build.parity import PARITY_SEED
@@ -206,12 +206,13 @@ def prepare_tensorrt_onnx(job: Job) -> tuple[Path, torch.Tensor]:
     exactly what the engine computes (fake-quantized for FP8, emulated for NVFP4)."""
     entry, model, inputs, folder, record = job.entry, job.model, job.inputs, job.folder, job.record
     config = job.profile.config
-    constants = model.constants()
+    constants = getattr(model, "whole", model).constants()  # a stage's graph reads the whole model's weights file
     job.echo("eager reference")
     # FP8/NVFP4: the Q/DQ writers rewrite the folded form (weights stored [in, out]); those plans hold
     # their weights anyway. Others keep every weight named, for refittable plans.
     path = export_onnx(config, entry.shape, constants, model.dtype, folder, job.profile.onnx_opset, job.echo,
-                       named_weights=not Precision(entry.precision).quantized)
+                       named_weights=not Precision(entry.precision).quantized, model_stage=entry.stage,
+                       inputs_like=inputs if entry.stage else None)
     seeds = range(PARITY_SEED + 1, PARITY_SEED + 1 + FP8_CALIBRATION_BATCHES)
     calibration_inputs = (model.example_inputs(seed=s, dtype=model.dtype) for s in seeds)
     build = record.setdefault("build", {})
@@ -242,7 +243,7 @@ def prepare_tensorrt_onnx(job: Job) -> tuple[Path, torch.Tensor]:
         with torch.no_grad():
             reference = model(*inputs)
     share_weights(folder, job.store, ONNX_DATA, job.echo)
-    build["onnx_check"] = check_for_tensorrt(path, config)
+    build["onnx_check"] = check_for_tensorrt(path, config, len(getattr(model, "blocks", ())) if entry.stage else None)
     return path, reference
 
 
@@ -290,11 +291,6 @@ class TensorRTBuilder(BuilderBackend):
     def calibrates(self, precision: Precision) -> bool:
         return precision.quantized
 
-    def stage_problem(self, precision: Precision) -> str | None:
-        return ("TensorRT stage engines are not built yet (the runtime binds one output per plan; the prologue "
-                "stage has four or five); step-cached calls run on an inductor entry or the ONNX Runtime and "
-                "AOTInductor stages")
-
     def front_weights(self, precision: Precision, profile) -> bool:
         # calibrated FP8/NVFP4 plans hold weights quantized at build: they stay tied to those
         return profile.tensorrt.refittable and not precision.quantized
@@ -310,7 +306,7 @@ class TensorRTBuilder(BuilderBackend):
         # TensorRT builds from the ONNX file: the torch copy of the weights (host and GPU) and the
         # checkpoint's mapping go first; the parity run needs the shape tables only (a refittable
         # plan is refitted from the ONNX file there, as its weights were written from these tensors).
-        constants = {n: constants[n] for n in TABLE_INPUTS}
+        constants = {n: constants[n] for n in table_names(job.model)}
         job.release_weights()
         gpu = device_info(job.device)
         job.echo("building the TensorRT plan (minutes to tens of minutes for a 14B model; TensorRT's progress "

@@ -42,8 +42,9 @@ def expected_attention_ops(config: WanConfig) -> int:
     return config.num_layers * (3 if config.image_dim is not None else 2)
 
 
-def check_for_tensorrt(path: Path, config: WanConfig) -> dict[str, int]:
-    """Raise GraphCheckError with the offending node; return a few counts for the build log."""
+def check_for_tensorrt(path: Path, config: WanConfig, blocks: int | None = None) -> dict[str, int]:
+    """Raise GraphCheckError with the offending node; return a few counts for the build log. `blocks`:
+    how many transformer blocks the graph holds (a stage's; default all of them)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -123,7 +124,7 @@ def check_for_tensorrt(path: Path, config: WanConfig) -> dict[str, int]:
                          for i in first.input):
                 problems.append(f"{where}: Q and K are not scaled before {first.name} (MatMul); TensorRT's fused "
                                 "attention needs the scale applied before the first MatMul")
-    want = expected_attention_ops(config)
+    want = expected_attention_ops(config if blocks is None else config.replace(num_layers=blocks))
     if opset >= 23:
         if counts["softmax"]:
             problems.append(f"{counts['softmax']} Softmax nodes in an opset-{opset} graph: attention should be "

@@ -218,21 +218,28 @@ class TensorRTEngine(Engine):
         # Bound by name, never by position: TensorRT documents no order of its I/O tensors. Inputs
         # beyond the call's own are the shape tables, fed from the model's tensors.
         self._inputs = [i.name for i in entry.inputs]
-        self._output = entry.outputs[0].name if entry.outputs and entry.outputs[0].name in outputs else \
-            (outputs[0] if len(outputs) == 1 else None)
+        # Outputs in the entry's order (a stage engine has several); a plan of one output serves an entry
+        # that names it otherwise.
+        wanted = [o.name for o in entry.outputs]
+        if wanted and sorted(wanted) == sorted(outputs):
+            self._outputs = wanted
+        elif len(outputs) == 1 and len(wanted) <= 1:
+            self._outputs = outputs
+        else:
+            self._outputs = []
         tables = [n for n in inputs if n not in self._inputs]
         missing = [n for n in tables if constants is None or n not in constants]
-        if missing or sorted(set(inputs) - set(tables)) != sorted(self._inputs) or self._output is None:
+        if missing or sorted(set(inputs) - set(tables)) != sorted(self._inputs) or not self._outputs:
             raise EngineRefused(f"{plan_path}: plan inputs {inputs} and outputs {outputs} do not match the entry's "
-                                f"{self._inputs} plus shape tables")
+                                f"{self._inputs} plus shape tables and outputs {wanted}")
         self._tables = {n: CUDA.to_device(constants[n], self.device) for n in tables}
-        self._out_shape = tuple(self.engine.get_tensor_shape(self._output))
-        self._out_dtype = TORCH_DTYPES[str(self.engine.get_tensor_dtype(self._output)).rsplit(".", 1)[-1]]
+        self._out_specs = [(tuple(self.engine.get_tensor_shape(n)),
+                            TORCH_DTYPES[str(self.engine.get_tensor_dtype(n)).rsplit(".", 1)[-1]]) for n in self._outputs]
         for name, t in self._tables.items():
             self.context.set_tensor_address(name, t.data_ptr())
         self._graph = None
         self._static_in: list[torch.Tensor] = []
-        self._static_out: torch.Tensor | None = None
+        self._static_out: list[torch.Tensor] = []
 
     def _refit(self, trt, onnx_path: Path) -> None:
         """Put the weights back into a weight-stripped plan, from the entry's ONNX weights file."""
@@ -303,7 +310,8 @@ class TensorRTEngine(Engine):
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed: " + "; ".join(self._logger.errors()[-3:]))
 
-    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The output; a tuple of them for an entry of several (a stage)."""
         caller = CUDA.current_stream(self.device)
         with CUDA.device(self.device):
             if self._cuda_graphs:
@@ -312,20 +320,22 @@ class TensorRTEngine(Engine):
             for name, t in zip(self._inputs, inputs):
                 self.context.set_tensor_address(name, t.data_ptr())
                 CUDA.record(t, self._stream)  # not reused before our stream is done with it
-            out = CUDA.empty(self._out_shape, self._out_dtype, self.device)
-            CUDA.record(out, self._stream)
-            self.context.set_tensor_address(self._output, out.data_ptr())
+            outs = [CUDA.empty(shape, dtype, self.device) for shape, dtype in self._out_specs]
+            for name, out in zip(self._outputs, outs):
+                CUDA.record(out, self._stream)
+                self.context.set_tensor_address(name, out.data_ptr())
             self._enqueue(self._stream)
-            caller.wait_stream(self._stream)  # the caller sees the output only when it is written
-        return out
+            caller.wait_stream(self._stream)  # the caller sees the outputs only when they are written
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _replay(self, inputs: tuple[torch.Tensor, ...], caller: torch.cuda.Stream) -> torch.Tensor:
         if self._graph is None:
             self._static_in = [t.clone() for t in inputs]
-            self._static_out = CUDA.empty(self._out_shape, self._out_dtype, self.device)
+            self._static_out = [CUDA.empty(shape, dtype, self.device) for shape, dtype in self._out_specs]
             for name, t in zip(self._inputs, self._static_in):
                 self.context.set_tensor_address(name, t.data_ptr())
-            self.context.set_tensor_address(self._output, self._static_out.data_ptr())
+            for name, out in zip(self._outputs, self._static_out):
+                self.context.set_tensor_address(name, out.data_ptr())
             self._stream.wait_stream(caller)
             with CUDA.use_stream(self._stream):
                 self._enqueue(self._stream)  # the first enqueue does TensorRT's lazy setup outside the capture
@@ -336,8 +346,9 @@ class TensorRTEngine(Engine):
         for buffer, t in zip(self._static_in, inputs):
             buffer.copy_(t)
         self._graph.replay()
-        # A copy: diffusers keeps the cond output while the uncond call reuses the static buffer.
-        return self._static_out.clone()
+        # Copies: diffusers keeps the cond output while the uncond call reuses the static buffers.
+        outs = [out.clone() for out in self._static_out]
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def release(self) -> None:
         """Free the execution context and engine (device memory) now."""

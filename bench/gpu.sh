@@ -8,10 +8,12 @@
 #                                                diffusers eager and compiled, ours eager, compiled and
 #                                                the inductor artifact, then cold starts (14B dims, 2
 #                                                blocks: compile time does not grow with blocks)
-#   bench/gpu.sh --suite features [--tiny]       the GPU numbers of the LoRA and step caching work, about
-#                                                200 s: set_loras on a 14B expert (rank 64 on every linear
+#   bench/gpu.sh --suite features [--tiny]       the GPU numbers of the LoRA, step caching and INT8/INT4 work, about
+#                                                260 s: set_loras on a 14B expert (rank 64 on every linear
 #                                                layer; goal under 5 s), then step caching at 14B dims, 4
-#                                                blocks, 480p, 8 guided steps (ours vs diffusers' hooks)
+#                                                blocks, 480p, 8 guided steps (ours vs diffusers' hooks),
+#                                                then one 14B block's linear part at 480p: bf16 vs INT8
+#                                                vs INT4, eager and compiled (INT8 goal: 1.4x bf16)
 #                                                needs diffusers: put its wheel in .whl/ first (pip download
 #                                                diffusers --no-deps -d .whl; .whl/ is git-ignored, carry it)
 #   --tiny runs the same suite at toy sizes on whatever device there is (what the CPU test runs).
@@ -53,13 +55,17 @@ if [ "${1:-}" = "--suite" ] && [ "${2:-}" = "features" ]; then
   DTYPE=float32; [ "$DEVICE" = cuda ] && DTYPE=bfloat16
   if [ "$TINY" = 1 ]; then
     SWAP="--preset tiny-t2v --repeats 2"; CACHE="--preset tiny-t2v --layers 3 --latent 2,4,6 --steps 6 --threshold-fbc 0.6 --threshold-mag 0.3"
+    LINEAR="--preset mid-i2v --tokens 64 --repeats 2"
   else
     SWAP="--preset wan2.1-t2v-14b --repeats 3"; CACHE="--preset wan2.1-t2v-14b --layers 4 --latent 21,60,104 --steps 8"
+    LINEAR="--preset wan2.1-t2v-14b --tokens 32760 --repeats 10"
   fi
   echo "== LoRA swap on the model ($DEVICE, $DTYPE)"
   timeout 200 $PY bench/lora_swap.py --swap-only $SWAP --device "$DEVICE" --dtype "$DTYPE" --json "$OUT/lora_swap.json" 2>&1 | tee "$OUT/lora_swap.log"
   echo "== step caching: ours vs diffusers' hooks vs none"
   timeout 240 $PY bench/step_cache.py $CACHE --device "$DEVICE" --dtype "$DTYPE" --no-engine --json "$OUT/step_cache.json" 2>&1 | tee "$OUT/step_cache.log"
+  echo "== the linear part of a block: bf16 vs INT8 W8A8 vs INT4 weight-only"
+  timeout 120 $PY bench/int8_linear.py $LINEAR --device "$DEVICE" --json "$OUT/int8_linear.json" 2>&1 | tee "$OUT/int8_linear.log"
   exit 0
 fi
 

@@ -6,12 +6,15 @@ calls in their cache contexts, the cache reset at the end); latents of the mid c
 16 noise channels plus 20 condition channels), seeded random weights. Runs, in this order:
 diffusers without a cache; ours with `MagCacheConfig(calibrate=True)` (skips nothing: the uncached
 reference, and the checkpoint's magnitude ratios); then for First-Block-Cache and MagCache (with
-those ratios) diffusers' hook and ours, eager, and ours on an `inductor` engine built for the shape.
+those ratios) diffusers' hook and ours, eager, and ours on engines built for the shape: an `inductor`
+entry (its blocks run apart) and the stage engines of `cache_stages: true` (ONNX Runtime, AOTInductor:
+only the stages a step needs run).
 Reported per run: wall time, time against diffusers uncached, calls that skipped blocks, and the
 final latents' relative error against the uncached run and against diffusers with the same policy.
 Seeded random weights give no quality verdict: the latent error is the only quality figure here.
 
-    python bench/step_cache.py [--steps 40] [--latent 3,30,52] [--threshold-fbc 0.05] [--json out.json]
+    python bench/step_cache.py [--steps 40] [--latent 3,30,52] [--threshold-fbc 0.05]
+                               [--engines inductor,onnxruntime,aoti] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ def main() -> None:
     parser.add_argument("--threshold-fbc", type=float, default=0.05, help="First-Block-Cache threshold (diffusers' default)")
     parser.add_argument("--threshold-mag", type=float, default=0.06, help="MagCache threshold (diffusers' default)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-engine", action="store_true", help="skip building and running the inductor entry")
+    parser.add_argument("--no-engine", action="store_true", help="build and run no engine")
+    parser.add_argument("--engines", default="inductor,onnxruntime",
+                        help="backends to run cached calls on: inductor (its entry), onnxruntime and aoti (stage engines)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--layers", type=int, help="blocks of the model (default: the preset's), e.g. 4 of a 14B's 40")
@@ -92,16 +97,23 @@ def main() -> None:
         init_weights(config, root / "weights", seed=0, dtype=dtype)
         theirs = WanTransformer3DModel.from_pretrained(root / "weights", torch_dtype=dtype).to(device).eval()
         ours = WanTransformer.from_pretrained(root / "weights", dtype, device=device)
-        engine = None
+        engines = {}
         if not args.no_engine:
             video = ((f - 1) * config.vae_temporal_stride + 1, h * config.vae_spatial_stride, w * config.vae_spatial_stride)
+            backends = args.engines.split(",")
             (root / "p.yaml").write_text(
-                f"name: cache\nmodel: {{weights: weights}}\nprecision: {PRECISIONS[args.dtype]}\nbackends: inductor\n"
+                f"name: cache\nmodel: {{weights: weights}}\nprecision: {PRECISIONS[args.dtype]}\n"
+                f"backends: [{', '.join(backends)}]\ncache_stages: true\n"
                 f"shapes:\n  - {{frames: {video[0]}, height: {video[1]}, width: {video[2]}}}\ntext_tokens: 512\n"
                 f"device: {device.type}\n")
-            build(load_profile(root / "p.yaml"), root / "engines", echo=lambda s: None)
-            engine = WanTransformer.from_pretrained(root / "weights", dtype, device=device, engines=root / "engines",
-                                                    backends=["inductor"])
+            report = build(load_profile(root / "p.yaml"), root / "engines", echo=lambda s: None)
+            for b in backends:
+                results = [r for r in report.results if r.entry.backend == b and (b == "inductor") == (r.entry.stage is None)]
+                if all(r.status == "built" for r in results):
+                    engines[b] = WanTransformer.from_pretrained(root / "weights", dtype, device=device,
+                                                                engines=root / "engines", backends=[b])
+                else:
+                    print(f"no {b} engines: " + "; ".join(r.message for r in results if r.status != "built"))
 
         baseline, base_s = denoise(theirs)
         rows.append(("none", "diffusers", base_s, 0, 2 * args.steps, 0.0, None))
@@ -125,25 +137,25 @@ def main() -> None:
             expected, s = denoise(theirs)
             theirs.disable_cache()
             rows.append((name, "diffusers", s, None, 2 * args.steps, err(expected), None))
-            for label, model in (("ours eager", ours), ("ours inductor engine", engine)):
-                if model is None:
-                    continue
+            runs = [("ours eager", None, ours)] + [
+                (f"ours {b} {'engine' if b == 'inductor' else 'stages'}", b, m) for b, m in engines.items()]
+            for label, backend, model in runs:
                 model.enable_cache(cfg)
                 policy = model.cache_policy
                 got, s = denoise(model)
                 model.disable_cache()
-                if label.endswith("engine") and model.last_route.backend != "inductor":
-                    raise SystemExit(f"the cached calls did not run on the engine: {model.last_route}")
+                if backend is not None and model.last_route.backend != backend:
+                    raise SystemExit(f"the cached calls did not run on the {backend} engines: {model.last_route}")
                 rows.append((name, label, s, policy.skipped, policy.calls, err(got), rel(got, expected)))
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"{config.name}, {config.num_layers} blocks, latent {f}x{h}x{w}, {args.steps} steps with CFG "
           f"({2 * args.steps} calls), {args.dtype}, torch {torch.__version__}, {where}, {args.threads} threads")
-    print(f"{'policy':28s} {'run':22s} {'seconds':>8s} {'x none':>7s} {'skipped':>9s} {'err vs none':>12s} "
+    print(f"{'policy':28s} {'run':24s} {'seconds':>8s} {'x none':>7s} {'skipped':>9s} {'err vs none':>12s} "
           f"{'vs diffusers':>13s}")
     for policy, run, s, skipped, calls, e, d in rows:
         skip = "-" if skipped is None else f"{skipped}/{calls}"
-        print(f"{policy:28s} {run:22s} {s:8.2f} {s / base_s:7.2f} {skip:>9s} {e:12.2e} "
+        print(f"{policy:28s} {run:24s} {s:8.2f} {s / base_s:7.2f} {skip:>9s} {e:12.2e} "
               f"{'-' if d is None else f'{d:.1e}':>13s}")
     print("x none: against diffusers without a cache; err vs none: final latents against ours uncached; "
           "vs diffusers: against diffusers' hook with the same config (the same skip decisions give ~1e-7)")

@@ -130,3 +130,6 @@ def test_gpu_features_suite_runs_tiny_on_cpu(tmp_path):
     cache = json.loads((tmp_path / "step_cache.json").read_text())
     assert len(cache["rows"]) == 6 and all(r["error_vs_diffusers"] < 1e-5 for r in cache["rows"]
                                            if r["error_vs_diffusers"] is not None)
+    linear = json.loads((tmp_path / "int8_linear.json").read_text())["rows"]
+    assert set(linear) >= {"bf16", "int8 W8A8", "int4 weight-only"} and linear["bf16"]["error_max"] == 0.0
+    assert 1e-4 < linear["int8 W8A8"]["error_mean"] < 2e-2 < linear["int4 weight-only"]["error_mean"] < 0.3

@@ -166,10 +166,12 @@ class WanTransformer(nn.Module):
                                  f"{'quantize=' + repr(quantize) if quantize else 'loras'} cannot be applied to it "
                                  "(load a safetensors checkpoint for that)")
             check_tensors(expected_shapes(shapes, checkpoint.tensors), checkpoint.tensors, str(path))
-        else:
+        elif has_quantized(checkpoint.tensors):  # dequantized below: check the logical shapes
             from .gguf import logical_view
 
             check_tensors(shapes, logical_view(checkpoint.tensors), str(path))
+        else:
+            check_tensors(shapes, checkpoint.tensors, str(path))
         tensors = materialize(checkpoint.tensors, shapes, torch_dtype, device, keep_quantized=keep)
         model = cls(checkpoint.config, tensors, max_cached_shapes=max_cached_shapes, compile=compile)
         model.requires_grad_(False)

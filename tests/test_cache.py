@@ -53,6 +53,18 @@ def denoise(model, config=None, steps=STEPS, contexts=("cond", "uncond")):
     return outs, skipped
 
 
+def record_routes(model) -> list:
+    """The `last_route` of every call `model` serves from now on (appended to the returned list)."""
+    routes, real = [], model.run
+
+    def run(shape, inputs):
+        out = real(shape, inputs)
+        routes.append(model.last_route)
+        return out
+    model.run = run
+    return routes
+
+
 def configs():
     return [hooks.FirstBlockCacheConfig(threshold=0.6),
             hooks.MagCacheConfig(threshold=0.06, max_skip_steps=2, retention_ratio=0.2, num_inference_steps=STEPS,
@@ -168,15 +180,8 @@ def test_cached_calls_run_on_an_inductor_engine_and_others_say_why_not(weights, 
     assert [r.status for r in report.results] == ["built", "built"], report.table()
     expected, _ = denoise(diffusers.WanTransformer3DModel.from_pretrained(weights).eval(), configs()[0])
     ours = WanTransformer.from_pretrained(weights, engines=tmp_path / "engines", backends=["inductor"])
-    routes = []
     ours.enable_cache(configs()[0])
-    real = ours.run
-
-    def run(shape, inputs):
-        out = real(shape, inputs)
-        routes.append(ours.last_route)
-        return out
-    ours.run = run
+    routes = record_routes(ours)
     got, skipped = denoise(ours)
     assert 0 < sum(skipped) < len(skipped)
     assert all(r.backend == "inductor" and "through the engine's compiled block" in r.reason for r in routes)

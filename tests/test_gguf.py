@@ -218,8 +218,14 @@ def test_an_engine_built_from_a_gguf_file_serves_its_dequantized_weights(weights
     report = build(load_profile(tmp_path / "p.yaml"), tmp_path / "engines", echo=lambda s: None)
     assert [r.status for r in report.results] == ["built"], "\n".join(report.table())
     served = WanTransformer.from_pretrained(path, engines=tmp_path / "engines")
+    eager = WanTransformer.from_pretrained(path)
     got = run(served)
     assert served.last_route.backend == "onnxruntime"
-    assert relative_error(got, run(WanTransformer.from_pretrained(path))) < 1e-5
+    assert relative_error(got, run(eager)) < 1e-5
+    x, t, ctx, image = inputs()  # a transposed latent view and an expanded image context
+    strided, expanded = x.transpose(3, 4).contiguous().transpose(3, 4), image[:, :1].expand(-1, image.shape[1], -1)
+    with torch.no_grad():
+        a, b = served(strided, t, ctx, expanded).sample, eager(strided, t, ctx, expanded).sample
+    assert served.last_route.backend == "onnxruntime" and relative_error(a, b) < 1e-5
     manifest = json.loads((tmp_path / "engines" / "manifest.json").read_text())
     assert next(iter(manifest["experts"].values()))["weights"].endswith("m.gguf")

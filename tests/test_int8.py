@@ -83,6 +83,14 @@ def test_an_int8_aoti_entry_serves_the_int8_front(tmp_path):
         ref = eager(x.bfloat16(), t, ctx.bfloat16()).sample
     assert served.last_route.backend == "aoti" and served.precision == "int8"
     assert relative_error(got, ref) < 2e-2  # bf16 around the same integers; fusions round elsewhere
+    # what callers pass: a transposed latent view and an expanded text context, on the engine and eager
+    strided = x.bfloat16().transpose(3, 4).contiguous().transpose(3, 4)
+    expanded = ctx[:, :1].bfloat16().expand(-1, ctx.shape[1], -1)
+    assert not strided.is_contiguous() and expanded.stride(1) == 0
+    with torch.no_grad():
+        got = served(strided, t, expanded).sample
+        ref = eager(strided.contiguous(), t, expanded.contiguous()).sample
+    assert served.last_route.backend == "aoti" and relative_error(got, ref) < 2e-2
     # the unquantized bf16 front is not served by the int8 entry
     plain = WanTransformer.from_pretrained(tmp_path / "w", torch.bfloat16, engines=tmp_path / "engines")
     with torch.no_grad():

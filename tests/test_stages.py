@@ -19,7 +19,7 @@ from runtime.stages import STAGES, StagedCall, StageModel, context_names, stage_
 from runtime.static import StaticShape, StaticWanTransformer
 
 from .conftest import make_inputs, relative_error
-from .test_cache import CONFIG as CACHE_CONFIG, TEXT, configs, denoise
+from .test_cache import CONFIG as CACHE_CONFIG, TEXT, configs, denoise, record_routes
 from .test_trust import flip_byte_keep_time
 
 diffusers = pytest.importorskip("diffusers")
@@ -97,14 +97,7 @@ def test_cached_calls_run_on_stage_engines_and_match_diffusers_hooks(staged, bac
     ref = diffusers.WanTransformer3DModel.from_pretrained(staged / "w").eval()
     expected, _ = denoise(ref, configs()[index])
     ours = WanTransformer.from_pretrained(staged / "w", engines=staged / "engines", backends=[backend])
-    routes = []
-    real = ours.run
-
-    def run(shape, inputs):
-        out = real(shape, inputs)
-        routes.append(ours.last_route)
-        return out
-    ours.run = run
+    routes = record_routes(ours)
     got, skipped = denoise(ours, configs()[index])
     assert 0 < sum(skipped) < len(skipped)
     assert max(relative_error(a, b) for a, b in zip(got, expected)) < 1e-5
@@ -233,19 +226,12 @@ def test_a_two_expert_pipeline_on_stage_engines_gives_diffusers_latents(tmp_path
     for model in refs:
         model.enable_cache(cache)
     router.enable_cache(cache)
-    routes = []
-    for expert in (router.high_noise, router.low_noise):
-        real = expert.run
-
-        def run(shape, inputs, real=real, expert=expert):
-            out = real(shape, inputs)
-            routes.append(expert.last_route)
-            return out
-        expert.run = run
+    high, low = record_routes(router.high_noise), record_routes(router.low_noise)
     reference = _frames(_pipeline(*refs), config.text_dim, "latent")
     got = _frames(_pipeline(router.high_noise, router.low_noise), config.text_dim, "latent")
     assert router.low_noise.cache_policy.skipped > 0
-    assert routes and all(r.backend == "onnxruntime" and "stage engines run" in r.reason for r in routes)
+    routes = high + low
+    assert high and low and all(r.backend == "onnxruntime" and "stage engines run" in r.reason for r in routes)
     assert np.linalg.norm(got - reference) / np.linalg.norm(reference) < 1e-5
 
 

@@ -30,6 +30,35 @@ def modelopt():
     return mtq
 
 
+def calibrate(model, recipe: str, batches, held_out):
+    """Model Optimizer's config `recipe` (e.g. "FP8_DEFAULT_CFG") with Wan's kept layers, applied to
+    `model` in place and calibrated on `batches`. Returns (the recipe layers' (input amax, weight amax)
+    tensors by name, the fake-quantized output on `held_out`, its relative error against the
+    unquantized output, the batch count)."""
+    import torch
+
+    from runtime.fp8 import fp8_layer_names
+
+    mtq = modelopt()
+    names = sorted(fp8_layer_names(model, model.config.num_layers))
+    batches = list(batches)
+    with torch.no_grad():
+        reference = model(*held_out)
+    mtq.quantize(model, wan_recipe(getattr(mtq, recipe), model.config.num_layers),
+                 forward_loop=lambda m: [m(*b) for b in batches])
+    with torch.no_grad():
+        quantized = model(*held_out)
+    amax = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        a, w = layer.input_quantizer.amax, layer.weight_quantizer.amax
+        if a is None or w is None:
+            raise QuantizeError(f"Model Optimizer left {name} uncalibrated; the calibration inputs never reached it")
+        amax[name] = (a, w)
+    error = ((quantized.float() - reference.float()).norm() / reference.float().norm()).item()
+    return amax, quantized, error, len(batches)
+
+
 def wan_recipe(base: dict, num_layers: int) -> dict:
     """Model Optimizer config `base` with Wan's recipe: patch embedding, condition embedder, output
     projection and the first and last blocks left unquantized."""

@@ -26,11 +26,11 @@ from typing import Callable, Iterable
 
 import torch
 
-from runtime.fp8 import E4M3_MAX, fp8_layer_names
+from runtime.fp8 import E4M3_MAX
 from runtime.precision import ONNX_ELEMENT_TYPES, ONNX_FLOAT8E4M3FN
 from runtime.static import StaticWanTransformer
 
-from .common import LayerGraph, QuantizeError, modelopt, wan_recipe
+from .common import LayerGraph, calibrate
 
 
 @dataclass(frozen=True)
@@ -49,25 +49,8 @@ class Calibration:
 def calibrate_fp8(model: StaticWanTransformer, batches: Iterable[tuple[torch.Tensor, ...]],
                   held_out: tuple[torch.Tensor, ...]) -> Calibration:
     """Calibrate `model` in place with Model Optimizer; returns the per-layer amax and the error."""
-    mtq = modelopt()
-    config = model.config
-    names = set(fp8_layer_names(model, config.num_layers))
-    cfg = wan_recipe(mtq.FP8_DEFAULT_CFG, config.num_layers)
-    batches = list(batches)
-    with torch.no_grad():
-        reference = model(*held_out)
-    mtq.quantize(model, cfg, forward_loop=lambda m: [m(*b) for b in batches])
-    with torch.no_grad():
-        quantized = model(*held_out)
-    amax = {}
-    for name in sorted(names):
-        layer = model.get_submodule(name)
-        a, w = layer.input_quantizer.amax, layer.weight_quantizer.amax
-        if a is None or w is None:
-            raise QuantizeError(f"Model Optimizer left {name} uncalibrated; the calibration inputs never reached it")
-        amax[name] = (float(a.max()), float(w.max()))
-    error = ((quantized.float() - reference.float()).norm() / reference.float().norm()).item()
-    return Calibration(amax, error, len(batches), quantized)
+    amax, quantized, error, count = calibrate(model, "FP8_DEFAULT_CFG", batches, held_out)
+    return Calibration({n: (float(a.max()), float(w.max())) for n, (a, w) in amax.items()}, error, count, quantized)
 
 
 def scalar_initializer(name: str, value: float, dtype: torch.dtype):

@@ -21,11 +21,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from runtime.fp8 import fp8_layer_names
 from runtime.precision import ONNX_ELEMENT_TYPES
 from runtime.static import StaticWanTransformer
 
-from .common import LayerGraph, QuantizeError, modelopt, wan_recipe
+from .common import LayerGraph, QuantizeError, calibrate
 
 INT8_MAX = 127.0
 
@@ -49,29 +48,16 @@ class Int8Calibration:
 def calibrate_int8(model: StaticWanTransformer, batches: Iterable[tuple[torch.Tensor, ...]],
                    held_out: tuple[torch.Tensor, ...]) -> Int8Calibration:
     """Calibrate `model` in place with Model Optimizer's INT8 recipe; returns the amax and the error."""
-    mtq = modelopt()
-    config = model.config
-    names = sorted(fp8_layer_names(model, config.num_layers))
-    cfg = wan_recipe(mtq.INT8_DEFAULT_CFG, config.num_layers)
-    batches = list(batches)
-    with torch.no_grad():
-        reference = model(*held_out)
-    mtq.quantize(model, cfg, forward_loop=lambda m: [m(*b) for b in batches])
-    with torch.no_grad():
-        quantized = model(*held_out)
+    amax, quantized, error, count = calibrate(model, "INT8_DEFAULT_CFG", batches, held_out)
     inputs, weights = {}, {}
-    for name in names:
+    for name, (a, w) in amax.items():
         layer = model.get_submodule(name)
-        a, w = layer.input_quantizer.amax, layer.weight_quantizer.amax
-        if a is None or w is None:
-            raise QuantizeError(f"Model Optimizer left {name} uncalibrated; the calibration inputs never reached it")
         inputs[name] = float(a.max())
         weights[name] = w.detach().float().reshape(-1).cpu()
         if weights[name].numel() != layer.weight.shape[0]:
             raise QuantizeError(f"{name}: Model Optimizer gave {weights[name].numel()} weight scales for "
                                 f"{layer.weight.shape[0]} output channels")
-    error = ((quantized.float() - reference.float()).norm() / reference.float().norm()).item()
-    return Int8Calibration(inputs, weights, error, len(batches), quantized)
+    return Int8Calibration(inputs, weights, error, count, quantized)
 
 
 def insert_int8_qdq(onnx_path: Path, calibration: Int8Calibration, dtype: torch.dtype,

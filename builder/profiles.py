@@ -41,6 +41,7 @@ from runtime.weights import load_checkpoint
 DEVICES = ("auto", "cpu", "cuda")
 OPSETS = (20, 23)
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
+SMOOTHQUANT = ("auto", "on", "off")  # tensorrt.smoothquant for int8 entries
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
@@ -76,6 +77,7 @@ class TensorRTOptions:
     weight_streaming: bool = False
     weight_streaming_budget_gb: float | None = None  # weights kept on the GPU when streaming; None: TensorRT's automatic
     cuda_graphs: bool = False  # capture execute_async_v3 into a CUDA graph at first use
+    smoothquant: str = "auto"  # int8 entries: SmoothQuant "on", "off", or "auto" (the recipe with the lower error)
 
 
 @dataclass(frozen=True)
@@ -303,7 +305,7 @@ def _config(ctx: _Ctx, node: yaml.Node, experts: tuple[Expert, ...], preset: str
 def _tensorrt(ctx: _Ctx, node: yaml.Node) -> TensorRTOptions:
     f = ctx.mapping(node, "tensorrt", ("workspace_gb", "optimization_level", "timing_cache",
                                        "hardware_compatibility", "strip_weights", "refittable", "weight_streaming",
-                                       "weight_streaming_budget_gb", "cuda_graphs"))
+                                       "weight_streaming_budget_gb", "cuda_graphs", "smoothquant"))
     kw: dict[str, Any] = {}
     if "workspace_gb" in f:
         kw["workspace_gb"] = ctx.scalar(f["workspace_gb"][1], "tensorrt.workspace_gb", float,
@@ -316,6 +318,12 @@ def _tensorrt(ctx: _Ctx, node: yaml.Node) -> TensorRTOptions:
     if "hardware_compatibility" in f:
         kw["hardware_compatibility"] = ctx.choice(f["hardware_compatibility"][1], "tensorrt.hardware_compatibility",
                                                   HARDWARE_COMPATIBILITY)
+    if "smoothquant" in f:
+        node = f["smoothquant"][1]
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":bool"):  # YAML reads on/off/true/false as booleans
+            kw["smoothquant"] = "on" if ctx.scalar(node, "tensorrt.smoothquant", bool) else "off"
+        else:
+            kw["smoothquant"] = ctx.choice(node, "tensorrt.smoothquant", SMOOTHQUANT)
     for flag in ("strip_weights", "refittable", "weight_streaming", "cuda_graphs"):
         if flag in f:
             kw[flag] = ctx.scalar(f[flag][1], f"tensorrt.{flag}", bool)

@@ -42,6 +42,7 @@ FORMAT = 2
 # An entry folder's files (the builder writes them, the backends read them).
 ONNX_FILE, ONNX_DATA = "model.onnx", "model.onnx.data"
 FP4_DATA = "model.nvfp4.data"
+INT8_DATA = "model.int8.data"  # SmoothQuant int8 entries: the smoothed weights, quantized
 # A weight's ONNX initializer name (and so its TensorRT weight name): this + its parameter name.
 WEIGHT_PREFIX = "model."
 AOTI_FILE = "engine.pt2"

@@ -381,8 +381,9 @@ class StaticWanTransformer(nn.Module):
     output_names: tuple[str, ...] = ("sample",)
     block_call = staticmethod(call_block)
 
-    def __new__(cls, config: WanConfig, shape: StaticShape):
-        if cls is StaticWanTransformer and config.image_dim is not None:
+    def __new__(cls, config: WanConfig | None = None, shape: StaticShape | None = None):
+        # (copy.deepcopy and pickle call __new__ with no arguments, then restore the instance's state)
+        if cls is StaticWanTransformer and config is not None and config.image_dim is not None:
             cls = StaticWanImageTransformer
         return super().__new__(cls)
 

@@ -102,6 +102,29 @@ def test_tensorrt_options_that_change_the_plan_change_the_id(tmp_path, option, v
     assert (base != other) == changes
 
 
+def test_the_smoothquant_choice_is_part_of_int8_entry_ids_only(tmp_path):
+    """Guards `tensorrt.smoothquant` (which changes the calibration of int8 plans) left out of their
+    ids, or put into every TensorRT entry's id (a rebuild of fp16/bf16/fp8 plans for nothing)."""
+    from runtime.errors import WanBuildError
+    from runtime.precision import Precision
+
+    trt = builder("tensorrt")
+    versions = {**tool_versions(), "tensorrt": "11.4.0.106"}
+    gpu = {"type": "cuda", "name": "H200", "compute_capability": "9.0"}
+    profiles = [_profile(tmp_path, name, backends="tensorrt", precision="bf16",
+                         extra=f"tensorrt: {{smoothquant: {value}}}\n") for name, value in (("a", "auto"), ("b", "off"))]
+    assert trt.identity(profiles[0], gpu, versions) == trt.identity(profiles[1], gpu, versions)
+    for precision in ("bf16", "fp8"):
+        assert trt.precision_identity(profiles[0], Precision(precision)) == {}
+    assert [trt.precision_identity(p, Precision.INT8) for p in profiles] == [{"smoothquant": "auto"},
+                                                                              {"smoothquant": "off"}]
+    assert _profile(tmp_path, "c", backends="tensorrt", precision="bf16").tensorrt.smoothquant == "auto"
+    # YAML reads on/off/true as booleans: they mean what they say
+    assert _profile(tmp_path, "d", backends="tensorrt", extra="tensorrt: {smoothquant: true}\n").tensorrt.smoothquant == "on"
+    with pytest.raises(WanBuildError, match="tensorrt.smoothquant: 'maybe' is not allowed; allowed: auto, on, off"):
+        _profile(tmp_path, "e", backends="tensorrt", precision="bf16", extra="tensorrt: {smoothquant: maybe}\n")
+
+
 def test_verify_bounds_a_quantized_plan_by_the_triangle_inequality():
     """Guards the bound `wan-build verify` allows a quantized TensorRT entry narrowed to tol + q: the
     engine is within tol of its fake-quantized model q (relative to it), which is within q of the

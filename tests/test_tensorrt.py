@@ -348,6 +348,73 @@ def test_int8_calibration_and_qdq_on_the_cpu(tmp_path):
     assert ((out - unquantized).norm() / unquantized.norm()).item() > 1e-4  # the Q/DQ nodes do quantize
 
 
+def _run_graph_unoptimized(path: Path, inputs, tensors) -> torch.Tensor:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = dict(zip([i.name for i in session.get_inputs()],
+                     [t.numpy() for t in inputs] + [tensors[n].numpy() for n in ("rope_cos", "rope_sin", "time_freqs")]))
+    return torch.from_numpy(session.run(None, feeds)[0])
+
+
+def _with_outlier_channels(model: StaticWanTransformer) -> None:
+    """Give the quantized blocks' linear inputs a few channels 30x larger than the rest, as trained
+    transformers have (and random weights do not): the modulation's scale rows feed the attention and
+    FFN inputs, a few FFN up-projection rows feed the down projection."""
+    with torch.no_grad():
+        for block in model.blocks[3:5]:
+            for row in (1, 4):  # scale_msa, c_scale_msa: (1 + scale) multiplies the normalized input
+                block.scale_shift_table[0, row, [5, 17, 30]] = 30.0
+            block.ffn.net[0].proj.weight[[2, 40, 77]] *= 30.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outliers", [True, False], ids=["outlier-channels", "random-weights"])
+def test_int8_smoothquant_where_it_helps(tmp_path, outliers):
+    """SmoothQuant for TensorRT int8: with outlier activation channels Model Optimizer's SmoothQuant
+    recipe has a lower error than the plain one and "auto" keeps it; our graph (per-channel multiplier
+    on the activation, the smoothed weight stored as int8 behind a DequantizeLinear, the shared 16-bit
+    weights file untouched) computes what Model Optimizer's fake quantization does. "auto" keeps the
+    recipe with the lower error either way."""
+    pytest.importorskip("modelopt")
+    import onnx
+
+    from builder.quantize.int8 import calibrate_int8, insert_int8_qdq
+    from runtime.manifest import INT8_DATA, ONNX_DATA
+
+    config = get_preset("tiny-t2v").replace(num_layers=8)
+    torch.manual_seed(0)
+    model = StaticWanTransformer(config, StaticShape(1, 3, 8, 12, 64)).eval()
+    if outliers:
+        _with_outlier_channels(model)
+    tensors = {k: v.clone() for k, v in model.constants().items()}
+    path = export_onnx(config, model.shape, tensors, torch.float32, tmp_path, 23, named_weights=False)
+    shared = (tmp_path / ONNX_DATA).read_bytes()
+    held_out = model.example_inputs(99)
+    batches = [model.example_inputs(s) for s in range(3)]
+    calibration = calibrate_int8(model, batches, held_out, smoothquant="auto")
+    errors = calibration.errors
+    assert set(errors) == {"INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG"}
+    assert calibration.relative_error == min(errors.values())
+    if outliers:
+        assert errors["INT8_SMOOTHQUANT_CFG"] < 0.7 * errors["INT8_DEFAULT_CFG"], errors
+    assert calibration.to_json()["smoothquant"] == calibration.smoothquant
+    assert insert_int8_qdq(path, calibration, torch.float32) == 20
+    assert check_for_tensorrt(path, config)["qdq"] == 40 - 20 * calibration.smoothquant
+    assert (tmp_path / ONNX_DATA).read_bytes() == shared
+    assert (tmp_path / INT8_DATA).exists() == calibration.smoothquant
+    if calibration.smoothquant:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        assert sum(n.op_type == "Mul" and n.name.endswith(".SmoothQuant") for n in graph.node) == 20
+        assert (tmp_path / INT8_DATA).stat().st_size >= sum(
+            model.get_submodule(n).weight.numel() for n in calibration.input_amax)
+    out = _run_graph_unoptimized(path, held_out, tensors)
+    fake_quantized = calibration.output  # the kept recipe's model (auto ran one of them on a copy)
+    assert ((out - fake_quantized).norm() / fake_quantized.norm()).item() < 1e-5
+
+
 # -- refusals before deserializing -----------------------------------------------------------------
 def test_plans_are_refused_before_deserializing():
     from runtime.backends.tensorrt import compatibility_problem

@@ -61,6 +61,10 @@ class BuilderBackend(ABC):
     def identity(self, profile, device: dict[str, Any], versions: dict[str, str | None]) -> dict[str, Any]:
         return {}
 
+    def precision_identity(self, profile, precision: Precision) -> dict[str, Any]:
+        """What else, for entries of `precision` only, makes an entry different (a calibration recipe)."""
+        return {}
+
     def options(self, profile) -> dict[str, Any]:
         return {}
 

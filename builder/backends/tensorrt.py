@@ -33,7 +33,7 @@ import torch
 
 from runtime.backends.tensorrt import TensorRTEngine, make_logger, parser_errors, trt_version
 from runtime.errors import WanBuildError
-from runtime.manifest import FP4_DATA, ONNX_DATA, PLAN_FILE, WEIGHT_PREFIX, device_info
+from runtime.manifest import FP4_DATA, INT8_DATA, ONNX_DATA, PLAN_FILE, WEIGHT_PREFIX, device_info
 from runtime.precision import Precision
 
 from ..build.export import export_onnx, table_names
@@ -197,6 +197,7 @@ def build_plan(onnx_path: Path, plan_path: Path, options: TensorRTOptions, cache
 FP8_CALIBRATION_BATCHES = 4  # fixed-seed calibration inputs at the entry's shape
 # Options that change how a plan is loaded or built, not the plan: not part of an entry's identity.
 RUNTIME_ONLY = ("timing_cache", "cuda_graphs", "weight_streaming_budget_gb")
+PRECISION_ONLY = {"smoothquant": Precision.INT8}  # options that make a difference to entries of one precision
 
 
 def prepare_tensorrt_onnx(job: Job) -> tuple[Path, torch.Tensor]:
@@ -228,10 +229,12 @@ def prepare_tensorrt_onnx(job: Job) -> tuple[Path, torch.Tensor]:
         reference = calibration.output  # Model Optimizer's fake quantization: what the engine computes
         record["quantization_error"] = {**calibration.to_json(), "relative": calibration.relative_error}
     elif entry.precision == Precision.INT8.value:
-        calibration = calibrate_int8(model, calibration_inputs, inputs)
+        calibration = calibrate_int8(model, calibration_inputs, inputs, job.profile.tensorrt.smoothquant)
         insert_int8_qdq(path, calibration, model.dtype)
         reference = calibration.output  # Model Optimizer's fake quantization: what the engine computes
         record["quantization_error"] = {**calibration.to_json(), "relative": calibration.relative_error}
+        if calibration.smoothquant:
+            share_weights(folder, job.store, INT8_DATA, job.echo)
     elif entry.precision == Precision.NVFP4.value:
         calibration = calibrate_nvfp4(model, calibration_inputs, inputs)
         insert_nvfp4_qdq(path, calibration.input_amax, {n: model.get_submodule(n).weight
@@ -283,7 +286,11 @@ class TensorRTBuilder(BuilderBackend):
 
     def identity(self, profile, device, versions) -> dict[str, Any]:
         return {"onnx_opset": profile.onnx_opset, "tensorrt": versions["tensorrt"], "gpu": device["compute_capability"],
-                "options": {k: str(v) for k, v in vars(profile.tensorrt).items() if k not in RUNTIME_ONLY}}
+                "options": {k: str(v) for k, v in vars(profile.tensorrt).items()
+                            if k not in RUNTIME_ONLY and k not in PRECISION_ONLY}}
+
+    def precision_identity(self, profile, precision: Precision) -> dict[str, Any]:
+        return {k: str(getattr(profile.tensorrt, k)) for k, p in PRECISION_ONLY.items() if p == precision}
 
     def options(self, profile) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(profile.tensorrt).items()}

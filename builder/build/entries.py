@@ -67,6 +67,7 @@ def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.d
                     identity = {"backend": backend, "precision": precision, "config": config,
                                 "weights": fingerprints[expert.name], "shape": shape_identity(shape, profile.config),
                                 "torch": versions["torch"], **builder(backend).identity(profile, dev, versions)}
+                    identity.update(builder(backend).precision_identity(profile, Precision(precision)))
                     mine: tuple[Call, ...] = ()
                     if calibrated(precision, backend):
                         identity["modelopt"] = versions["modelopt"]

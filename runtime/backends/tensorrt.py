@@ -35,7 +35,7 @@ from typing import Mapping
 import torch
 
 from ..integrity import read_verified
-from ..manifest import FP4_DATA, ONNX_DATA, ONNX_FILE, PLAN_FILE, WEIGHT_PREFIX, Entry, entry_file
+from ..manifest import FP4_DATA, INT8_DATA, ONNX_DATA, ONNX_FILE, PLAN_FILE, WEIGHT_PREFIX, Entry, entry_file
 from ..precision import Precision
 from . import Backend, Engine
 
@@ -365,8 +365,10 @@ class TensorRTBackend(Backend):
 
     def required_files(self, entry: Entry) -> tuple[str, ...]:
         refit = (ONNX_FILE, ONNX_DATA) if entry.options.get("strip_weights", False) else ()
-        fp4 = (FP4_DATA,) if entry.options.get("strip_weights", False) and entry.precision == "nvfp4" else ()
-        return (PLAN_FILE, *refit, *fp4)
+        # the quantized weights a refit reads: NVFP4's, and SmoothQuant int8's where the entry has them
+        quantized = tuple(f for f in (FP4_DATA, INT8_DATA) if refit and (f in entry.files or
+                                                                         (f == FP4_DATA and entry.precision == "nvfp4")))
+        return (PLAN_FILE, *refit, *quantized)
 
     def runs(self, precision: Precision, device: torch.device, capability: tuple[int, int] | None) -> str | None:
         if torch.device(device).type != "cuda":

@@ -312,6 +312,13 @@ def build(
         "When manifest.json is unreadable or of another format, move it aside and rebuild it from the entry "
         "folders (each entry's files are checked); also recovers entry folders the manifest does not list."))] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON (progress goes to stderr).")] = False,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help=(
+        "Build the entries as tasks on a Ray cluster: 'local' (started here), 'auto' (the cluster this "
+        "machine joined with `ray start`) or the head's HOST:PORT. Needs wan-build[ray] on every node and "
+        "the weights at the same path there."))] = None,
+    retries: Annotated[int, typer.Option(help="With --ray: submit an entry again this many times when its "
+                                              "worker dies.")] = 1,
+    cpus_per_entry: Annotated[int, typer.Option(help="With --ray: CPUs each CPU-built entry asks for.")] = 1,
 ) -> None:
     """Build every (expert x shape x precision x backend) engine of a profile.
 
@@ -320,13 +327,15 @@ def build(
     Exit 1 if any entry failed.
 
     Example: wan-build build profiles/tiny.yaml --out engines/tiny
+    Example: wan-build build profiles/wan2.2-i2v-a14b-720p.yaml --ray auto
     """
     from .build import build as run_build
     from .profiles import load_profile
 
     echo = (lambda line: typer.echo(line, err=True)) if json_out else typer.echo
     report = _run(lambda: run_build(load_profile(profile), out, allow_mismatch=allow_mismatch,
-                                    rebuild_manifest=rebuild_manifest, echo=echo))
+                                    rebuild_manifest=rebuild_manifest, echo=echo, ray=ray, retries=retries,
+                                    cpus_per_entry=cpus_per_entry))
     if json_out:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:

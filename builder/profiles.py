@@ -41,7 +41,8 @@ from runtime.weights import load_checkpoint
 DEVICES = ("auto", "cpu", "cuda")
 OPSETS = (20, 23)
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
-SMOOTHQUANT = ("auto", "on", "off")  # tensorrt.smoothquant for int8 entries
+SMOOTHQUANT = ("auto", "on", "off")
+_TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # tensorrt.smoothquant for int8 entries
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
@@ -97,6 +98,8 @@ class Profile:
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     calibration: Path | None = None
     cache_stages: bool = False  # also build each shape's stages (`runtime.stages`) for step-cached calls
+    # GPU models a fleet build (`--ray`) builds every entry for, as Ray names them ("H100", "L40S", "A100-80G")
+    targets: tuple[str, ...] = ()
 
     def static_shape(self, spec: ShapeSpec) -> StaticShape:
         return StaticShape.for_latent(self.config, spec.batch,
@@ -204,7 +207,8 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
     if root is None:
         raise ProfileError(f"{path}: the profile is empty")
     top = ctx.mapping(root, "(top level)", ("name", "model", "precision", "backends", "shapes", "text_tokens",
-                                             "device", "onnx_opset", "tensorrt", "calibration", "cache_stages"),
+                                             "device", "onnx_opset", "tensorrt", "calibration", "cache_stages",
+                                             "targets"),
                       required=("name", "model", "precision", "backends", "shapes"))
     name = ctx.scalar(top["name"][1], "name", str, lambda v: None if _NAME.match(v) else
                       "must be lowercase letters, digits, '.', '_' or '-' (it names the engine folder)")
@@ -221,6 +225,17 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
     opset = ctx.choice(top["onnx_opset"][1], "onnx_opset", OPSETS) if "onnx_opset" in top else 23
     tensorrt = _tensorrt(ctx, top["tensorrt"][1]) if "tensorrt" in top else TensorRTOptions()
     cache_stages = ctx.scalar(top["cache_stages"][1], "cache_stages", bool) if "cache_stages" in top else False
+    targets: list[str] = []
+    if "targets" in top:
+        for i, node in enumerate(ctx.sequence(top["targets"][1], "targets")):
+            target = ctx.scalar(node, f"targets[{i}]", str, lambda v: None if _TARGET.match(v) else
+                                "must be a GPU model as Ray names it (letters, digits, '-', '_', '.'; e.g. H100, L40S, "
+                                "A100-80G)")
+            if target in targets:
+                raise ctx.fail(node, f"targets[{i}]", f"repeats {target}")
+            targets.append(target)
+        if device == "cpu":
+            raise ctx.fail(top["targets"][1], "targets", "lists GPU models but device is cpu; drop one of them")
     calibration = None
     if "calibration" in top:
         calibration = ctx.path(top["calibration"][1], "calibration")
@@ -251,7 +266,7 @@ def load_profile(path: str | Path, check_weights: bool = True) -> Profile:
             raise ctx.fail(node, key, str(e)) from None
         shapes.append(spec)
     return Profile(name, path, experts, boundary, preset, config, precisions, backends, tuple(shapes),
-                   text_tokens, device, opset, tensorrt, calibration, cache_stages)
+                   text_tokens, device, opset, tensorrt, calibration, cache_stages, tuple(targets))
 
 
 def _list_or_one(ctx: _Ctx, node: yaml.Node, key: str, choices: tuple[str, ...]) -> tuple[str, ...]:

@@ -234,6 +234,7 @@ def documented_tensorrt_keys() -> set[str]:
 NON_DEFAULT = {"workspace_gb": ("16", 16.0), "optimization_level": ("5", 5), "timing_cache": ("cache/t.cache", "cache/t.cache"),
                "hardware_compatibility": ("ampere_plus", "ampere_plus"), "strip_weights": ("false", False),
                "weight_streaming": ("true", True), "cuda_graphs": ("true", True), "refittable": ("true", True),
+               "smoothquant": ("on", "on"),
                # a budget is refused without streaming, so the line turns streaming on too
                "weight_streaming_budget_gb": ("8, weight_streaming: true", 8.0)}
 MINIMAL = """\

@@ -65,12 +65,18 @@ class EntryResult:
     seconds: float = 0.0
     relative_error: float | None = None
     message: str = ""
+    host: str | None = None  # the machine that built it (fleet builds)
 
     def to_json(self) -> dict[str, Any]:
         e = self.entry
-        return {"id": e.id, "expert": e.expert.name, "shape": e.spec.label(), "precision": e.precision,
-                "backend": e.backend, "status": self.status, "seconds": round(self.seconds, 2),
-                "relative_error": self.relative_error, "message": self.message}
+        out = {"id": e.id, "expert": e.expert.name, "shape": e.spec.label(), "precision": e.precision,
+               "backend": e.backend, "status": self.status, "seconds": round(self.seconds, 2),
+               "relative_error": self.relative_error, "message": self.message}
+        if e.stage is not None:
+            out["stage"] = e.stage
+        if self.host is not None:
+            out["host"] = self.host
+        return out
 
 
 @dataclass
@@ -130,38 +136,65 @@ class _Progress:
 
 
 # -- building -------------------------------------------------------------------------------------
+@dataclass
+class Started:
+    """What a build holds once it has the lock: the manifest, the experts' checkpoints (mapped) and
+    fingerprints, the calibration calls (None without)."""
+    manifest: Manifest
+    checkpoints: dict[str, Checkpoint]
+    fingerprints: dict[str, str]
+    calls: list | None
+
+
+def begin(profile: Profile, out: Path, rebuild_manifest: bool, echo: Echo) -> Started:
+    """The start of every build, under the folder lock: stale partial folders cleared, the manifest
+    opened (or recovered), each expert's weights read and fingerprinted, calibration calls read."""
+    clear_stale(out)
+    manifest = open_manifest(out, profile.name, rebuild_manifest, echo)
+    manifest.name, manifest.profile = profile.name, _profile_json(profile)
+    checkpoints: dict[str, Checkpoint] = {}
+    fingerprints: dict[str, str] = {}
+    for expert in profile.experts:
+        echo(f"reading {expert.name} weights from {expert.weights}")
+        ckpt = load_checkpoint(expert.weights, preset=profile.config)
+        checkpoints[expert.name] = ckpt
+        fingerprints[expert.name] = weights_fingerprint(ckpt.tensors, ckpt.files)
+        manifest.experts[expert.name] = ExpertRecord(
+            str(Path(expert.weights).resolve()), fingerprints[expert.name], ckpt.layout,
+            {**profile.config.to_diffusers(), "name": profile.config.name})
+        del ckpt  # `checkpoints` holds them: released phases drop the mapping from there alone
+    manifest.boundary = profile.boundary
+    write_manifest(out, manifest)
+    if "fp16" in profile.precisions:
+        echo("note: fp16 chosen; Wan's activations are known to overflow in FP16 (bf16 is the default and "
+             "keeps fp32's range)")
+    calls = None
+    if profile.calibration is not None and any(calibrated(p, b) for p in profile.precisions
+                                               for b in profile.backends):
+        echo(f"reading calibration calls from {profile.calibration}")
+        calls = load_calls(profile.calibration, profile.config, tuple(e.name for e in profile.experts),
+                           profile.boundary)
+    return Started(manifest, checkpoints, fingerprints, calls)
+
+
 def build(profile: Profile, out: Path | None = None, *, allow_mismatch: bool = False, rebuild_manifest: bool = False,
-          echo: Echo = print) -> BuildReport:
+          echo: Echo = print, ray: str | None = None, retries: int = 1, cpus_per_entry: int = 1) -> BuildReport:
+    """Build every entry of `profile` into `out`. With `ray` (an address, "auto" or "local") each entry
+    is a Ray task on a worker of that cluster (`builder.fleet`); without it, here, one at a time."""
     out = Path(out) if out is not None else Path("engines") / profile.name
+    if ray is not None:
+        from ..fleet import build_on_ray
+
+        return build_on_ray(profile, out, ray, allow_mismatch=allow_mismatch, rebuild_manifest=rebuild_manifest,
+                            echo=echo, retries=retries, cpus_per_entry=cpus_per_entry)
     device = _resolve_device(profile)
     report = BuildReport(out)
     with folder_lock(out, echo):
-        clear_stale(out)
-        manifest = open_manifest(out, profile.name, rebuild_manifest, echo)
-        manifest.name, manifest.profile = profile.name, _profile_json(profile)
-        checkpoints: dict[str, Checkpoint] = {}
-        fingerprints: dict[str, str] = {}
-        for expert in profile.experts:
-            echo(f"reading {expert.name} weights from {expert.weights}")
-            ckpt = load_checkpoint(expert.weights, preset=profile.config)
-            checkpoints[expert.name] = ckpt
-            fingerprints[expert.name] = weights_fingerprint(ckpt.tensors, ckpt.files)
-            manifest.experts[expert.name] = ExpertRecord(
-                str(Path(expert.weights).resolve()), fingerprints[expert.name], ckpt.layout,
-                {**profile.config.to_diffusers(), "name": profile.config.name})
-        del ckpt  # `checkpoints` holds them: released phases drop the mapping from there alone
-        manifest.boundary = profile.boundary
-        write_manifest(out, manifest)
-
-        if "fp16" in profile.precisions:
-            echo("note: fp16 chosen; Wan's activations are known to overflow in FP16 (bf16 is the default and "
-                 "keeps fp32's range)")
-        calls = None
-        if profile.calibration is not None and any(calibrated(p, b) for p in profile.precisions
-                                                   for b in profile.backends):
-            echo(f"reading calibration calls from {profile.calibration}")
-            calls = load_calls(profile.calibration, profile.config, tuple(e.name for e in profile.experts),
-                               profile.boundary)
+        start = begin(profile, out, rebuild_manifest, echo)
+        manifest, checkpoints, fingerprints, calls = start.manifest, start.checkpoints, start.fingerprints, start.calls
+        if profile.targets:
+            echo(f"note: the profile targets {', '.join(profile.targets)}; without --ray the entries are built for "
+                 f"this machine's {device_info(device)['name']}")
         planned = plan_entries(profile, fingerprints, device, calls)
         for entry in planned:  # before building anything: every calibrated entry this machine builds has calls
             if calls is not None and entry.calibrated and not entry.calibration \
@@ -230,9 +263,7 @@ def _build_one(entry: PlannedEntry, tensors_for: Callable[[PlannedEntry], dict[s
     elif entry.id in manifest.raw_bad_entries:
         echo(f"{prefix}: rebuilding (its manifest record is malformed: {manifest.bad_entries.get(entry.id)})")
         status = "rebuilt"
-    reason = builder(entry.backend).unavailable(Precision(entry.precision), device)
-    if reason is None and entry.stage is not None:
-        reason = builder(entry.backend).stage_problem(Precision(entry.precision))
+    reason = skip_reason(entry, device)
     if reason:
         return EntryResult(entry, "skipped", 0.0, None, reason)
     warning = memory_warning(entry, profile, device)
@@ -256,6 +287,15 @@ def _build_one(entry: PlannedEntry, tensors_for: Callable[[PlannedEntry], dict[s
     manifest.bad_entries.pop(entry.id, None)
     return EntryResult(entry, status, record.build_seconds, record.parity.relative,
                        "PARITY FAILED, kept by --allow-mismatch" if record.allow_mismatch else "")
+
+
+def skip_reason(entry: PlannedEntry, device: torch.device) -> str | None:
+    """Why this machine cannot build `entry` (a library or a GPU missing, a stage of a quantized
+    precision), or None."""
+    reason = builder(entry.backend).unavailable(Precision(entry.precision), device)
+    if reason is None and entry.stage is not None:
+        reason = builder(entry.backend).stage_problem(Precision(entry.precision))
+    return reason
 
 
 def memory_warning(entry: PlannedEntry, profile: Profile, device: torch.device) -> str | None:

@@ -51,12 +51,14 @@ def shape_identity(shape: StaticShape, config) -> dict[str, Any]:
             "image_tokens": shape.image_tokens, "per_token_timesteps": shape.per_token_timesteps}
 
 
-def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.device,
-                 calls: list[Call] | None = None) -> list[PlannedEntry]:
+def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.device | None,
+                 calls: list[Call] | None = None, *, machine: dict[str, Any] | None = None) -> list[PlannedEntry]:
     """Every entry the profile asks for, with its id. With `calls` (the profile's calibration data),
-    calibrated entries get those of their expert and shape (checked by `build` before building)."""
-    versions = tool_versions()
-    dev = device_info(device)
+    calibrated entries get those of their expert and shape (checked by `build` before building).
+    The ids are those of entries built on `device` here, or with `machine` ({"device": device_info,
+    "versions": tool_versions} of another machine, as a fleet build's worker reports them) there."""
+    versions = machine["versions"] if machine is not None else tool_versions()
+    dev = machine["device"] if machine is not None else device_info(device)
     config = {k: v for k, v in profile.config.to_diffusers().items() if not k.startswith("_")}
     out = []
     for expert in profile.experts:

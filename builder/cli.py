@@ -15,7 +15,7 @@ from typing import Annotated, Callable, TypeVar
 
 import typer
 
-from runtime.errors import WanBuildError
+from runtime.errors import InputError, WanBuildError
 
 WORKFLOW = """Build fixed-shape engines of the Wan 2.x video transformer, and plan what to build.
 
@@ -344,6 +344,77 @@ def build(
         typer.echo(f"{report.folder}: " + ", ".join(f"{n} {s}" for s, n in report.counts().items()))
     if report.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    target: Annotated[Path, typer.Argument(help="Engine folder, or a profile YAML (its folder: engines/<name>).")],
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help=(
+        "The Ray cluster to deploy on: 'auto' or the head's HOST:PORT; default: a cluster started here."))] = None,
+    replicas: Annotated[int, typer.Option(help="Pipeline replicas (one per GPU on a GPU cluster).")] = 1,
+    pipeline: Annotated[str, typer.Option(help=(
+        "A diffusers Wan pipeline folder (its VAE, text encoder, scheduler; the transformer comes from the "
+        "engines), or 'tiny' (a random tiny VAE, prompt embeddings only; tiny test models)."))] = "tiny",
+    host: Annotated[str, typer.Option(help="HTTP address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    gpus_per_replica: Annotated[float | None, typer.Option(help="GPUs each replica takes (default: 1 where "
+                                                                "the cluster has GPUs, else 0).")] = None,
+    cpus_per_replica: Annotated[float, typer.Option(help="CPUs each replica takes.")] = 1.0,
+    eager: Annotated[bool, typer.Option("--eager/--no-eager", help=(
+        "Serve sizes no engine was built for in eager PyTorch (the response says so), or refuse them."))] = True,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching", help=(
+        "Group requests of one size and settings into one batched call where an engine of that batch "
+        "exists."))] = True,
+    max_batch: Annotated[int | None, typer.Option(help="Largest batch (default: the largest engine batch).")] = None,
+    queue: Annotated[int, typer.Option(help="Accepted jobs waiting beyond those running; more get 429.")] = 16,
+    lora: Annotated[list[str] | None, typer.Option(help=(
+        "A LoRA requests may name: NAME=FILE[:STRENGTH] (repeat a NAME to stack files).") )] = None,
+    cache: Annotated[str | None, typer.Option(help="Step caching: fbc or fbc:THRESHOLD (First Block Cache).")] = None,
+) -> None:
+    """Serve a Wan pipeline on its engines over HTTP, on Ray Serve (POST /v1/videos).
+
+    Jobs: POST /v1/videos, GET /v1/videos/{id} (status, progress), GET /v1/videos/{id}/content,
+    POST /v1/videos/{id}/cancel; GET /health and /metrics. Runs until interrupted.
+
+    Example: wan-build serve engines/wan22-t2v --pipeline ckpt/Wan2.2-T2V-A14B-Diffusers --replicas 8 --ray auto
+    """
+    import time
+
+    from runtime.service import ServiceConfig
+
+    def start() -> tuple[str, object]:
+        from runtime import serving
+
+        folder = target
+        if target.suffix in (".yaml", ".yml"):
+            from .profiles import load_profile
+
+            folder = Path("engines") / load_profile(target, check_weights=False).name
+        loras: dict[str, list[tuple[str, float]]] = {}
+        for item in lora or []:
+            name, sep, spec = item.partition("=")
+            path, _, strength = spec.rpartition(":") if ":" in spec else (spec, "", "1")
+            try:
+                value = float(strength)
+            except ValueError:
+                value = None
+            if not sep or not name or not path or value is None:
+                raise InputError(f"--lora {item!r}: give NAME=FILE or NAME=FILE:STRENGTH")
+            if not Path(path).is_file():
+                raise InputError(f"--lora {item!r}: {path} is not a file")
+            loras.setdefault(name, []).append((path, value))
+        gpus = gpus_per_replica
+        config = ServiceConfig(folder, pipeline, replicas, gpus if gpus is not None else -1.0, cpus_per_replica,
+                               eager, batching, max_batch, queue, {k: tuple(v) for k, v in loras.items()}, cache)
+        return serving.start(config, ray, host, port), serving
+
+    url, serving = _run(start)
+    typer.echo(f"serving on {url} (POST {url}/v1/videos; GET {url}/health); Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serving.stop()
 
 
 @app.command("list")

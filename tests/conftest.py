@@ -113,7 +113,7 @@ def make_entry(config, shape, backend: str = "aoti", precision: str = "fp32", **
 
 # The longest files first: pytest-xdist hands whole files (--dist loadfile) to workers in collection
 # order, so a long file collected last would run alone at the end while the other worker idles.
-LONGEST_FIRST = ("test_trust.py", "test_stages.py", "test_engines.py", "test_bench.py", "test_nvfp4.py", "test_tensorrt.py",
+LONGEST_FIRST = ("test_trust.py", "test_stages.py", "test_fleet.py", "test_serve.py", "test_engines.py", "test_bench.py", "test_nvfp4.py", "test_tensorrt.py",
                  "test_lora.py", "test_planning_cli.py", "test_calibration.py", "test_bench_tools.py", "test_cli.py",
                  "test_tensorrt_review.py", "test_build_memory.py", "test_bad_input.py")
 

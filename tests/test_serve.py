@@ -1,0 +1,308 @@
+"""The video service on a local Ray Serve: concurrent requests each answered as if run alone, batching,
+bad requests and a full queue with their status codes, cancel, and a replica killed mid-job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from builder.build import build
+from builder.init_weights import init_weights
+from builder.profiles import load_profile
+from runtime import get_preset
+from runtime.manifest import read_manifest
+from runtime.service import (Jobs, RequestError, Served, ServiceConfig, VideoWorker, encode_embeds, load_npy,
+                             parse_request, size_route)
+
+pytest.importorskip("diffusers")
+CONFIG = get_preset("tiny-t2v")
+TEXT = 16
+PROFILE = (f"name: serve\nmodel: {{weights: w, preset: tiny-t2v}}\nprecision: fp32\nbackends: onnxruntime\n"
+           f"shapes:\n  - {{batch: 1, frames: 5, height: 32, width: 32}}\n  - {{batch: 4, frames: 5, height: 32, width: 32}}\n"
+           f"text_tokens: {TEXT}\ndevice: cpu\n")
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    init_weights(CONFIG, root / "w", seed=3)
+    (root / "p.yaml").write_text(PROFILE)
+    report = build(load_profile(root / "p.yaml"), root / "out", echo=lambda s: None)
+    assert [r.status for r in report.results] == ["built", "built"], report.table()
+    return root / "out"
+
+
+def body(n: int, steps: int = 3, **changes) -> dict:
+    """Request `n`: its own embeddings and seed."""
+    g = torch.Generator().manual_seed(1000 + n)
+    out = {"prompt_embeds": encode_embeds(torch.randn(1, TEXT, CONFIG.text_dim, generator=g)),
+           "negative_prompt_embeds": encode_embeds(torch.randn(1, TEXT, CONFIG.text_dim, generator=g)),
+           "height": 32, "width": 32, "num_frames": 5, "num_inference_steps": steps, "seed": n, "output": "latent"}
+    out.update(changes)
+    return out
+
+
+# -- without Ray: the checks and the worker ---------------------------------------------------------
+def test_requests_are_checked_field_by_field(engines):
+    served, config = Served.of(read_manifest(engines)), ServiceConfig(engines)
+    ok = parse_request(body(1), served, config, text_encoder=False)
+    assert ok.prompt_embeds.shape == (1, TEXT, CONFIG.text_dim) and ok.seed == 1
+    cases = [({"height": 33}, "height", "multiple of 16"), ({"num_frames": 6}, "num_frames", "4k + 1"),
+             ({"num_inference_steps": 0}, "num_inference_steps", "between 1 and 200"),
+             ({"seed": "x"}, "seed", "must be an integer"), ({"guidance_scale": float("nan")}, "guidance_scale", "number"),
+             ({"output": "mp4"}, "output", "frames, latent"), ({"loras": ["style"]}, "loras", "not a LoRA"),
+             ({"prompt": "a cat"}, "prompt", "exactly one of prompt and prompt_embeds"),
+             ({"prompt_embeds": None, "prompt": "a cat"}, "prompt", "no text encoder"),
+             ({"negative_prompt_embeds": None}, "negative_prompt_embeds", "required with guidance_scale > 1"),
+             ({"prompt_embeds": {"shape": [1, TEXT, 7], "data": ""}}, "prompt_embeds.shape", f"{CONFIG.text_dim}]"),
+             ({"prompt_embeds": {"shape": [1, TEXT, CONFIG.text_dim], "data": "AAAA"}}, "prompt_embeds.data", "bytes"),
+             ({"prompt_embeds": {"shape": [1, TEXT, CONFIG.text_dim], "data": "!!"}}, "prompt_embeds.data", "base64"),
+             ({"image": "x"}, "image", "text-to-video model"), ({"fps": 16}, "fps", "not a field")]
+    for change, field, rule in cases:
+        with pytest.raises(RequestError) as e:
+            parse_request(body(1, **change), served, config, text_encoder=False)
+        assert e.value.field == field and rule in str(e.value), (change, str(e.value))
+    nan = torch.full((1, TEXT, CONFIG.text_dim), float("nan"))
+    with pytest.raises(RequestError, match="NaN"):
+        parse_request(body(1, prompt_embeds=encode_embeds(nan)), served, config, text_encoder=False)
+    # a size no engine serves: eager with the reason, or refused
+    odd = parse_request(body(1, height=48), served, config, text_encoder=False)
+    assert size_route(ok, served, allow_eager=False) == "engine"
+    assert size_route(odd, served, True).startswith("eager: no engine serves 5x48x32 with 16 text tokens")
+    with pytest.raises(RequestError, match="forbids eager"):
+        size_route(odd, served, allow_eager=False)
+
+
+def test_the_worker_batches_where_an_engine_of_that_batch_exists(engines):
+    """Six jobs of one size: a batch-4 call and two alone (engines of batch 1 and 4 only); each job's
+    latents equal the same request run alone (fp32: under 1e-5)."""
+    worker = VideoWorker(ServiceConfig(engines))
+    jobs, alone = Jobs(100), Jobs(100)
+    requests = [(jobs.admit({}), parse_request(body(s), worker.served, worker.config, False)) for s in range(6)]
+    plan = worker.plan(requests)
+    assert [len(g) for g in plan] == [4, 1, 1]
+    for group in plan:
+        worker.run(group, jobs)
+    assert [jobs.get(j)["batch"] for j, _ in requests] == [4, 4, 4, 4, 1, 1]
+    for job_id, request in requests:
+        solo = alone.admit({})
+        worker.run([(solo, request)], alone)
+        a, b = load_npy(jobs.result(job_id)), load_npy(alone.result(solo))
+        assert a.shape == (CONFIG.out_channels, 2, 4, 4)
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
+        assert jobs.get(job_id)["transformer_calls"] == {"onnxruntime": 6}  # 3 steps x (cond, uncond)
+    # two jobs of one size and another step count: no batch-2 engine, so three calls of one
+    other = parse_request(body(9, steps=2), worker.served, worker.config, False)
+    assert [len(g) for g in worker.plan(requests[:2] + [("x", other)])] == [1, 1, 1]
+    worker.config = ServiceConfig(engines, batching=False)
+    assert [len(g) for g in worker.plan(requests)] == [1] * 6
+
+
+def test_a_diffusers_pipeline_folder_serves_what_diffusers_computes(engines, tmp_path):
+    """--pipeline FOLDER: diffusers' own pipeline (saved here without a text encoder), its transformer
+    replaced by our front on the engines; the job's latents and frames equal diffusers' pipeline with
+    diffusers' transformer on the same weights."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True]).eval()
+    reference = diffusers.WanTransformer3DModel.from_pretrained(engines.parent / "w").eval()
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=reference,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    worker = VideoWorker(ServiceConfig(engines, pipeline=str(tmp_path / "pipe")))
+    jobs = Jobs(10)
+    for output, kind in (("latent", "latent"), ("frames", "np")):
+        request = parse_request(body(4, output=output), worker.served, worker.config, worker.text_encoder)
+        job = jobs.admit({})
+        worker.run([(job, request)], jobs)
+        assert jobs.get(job)["status"] == "succeeded" and jobs.get(job)["transformer_calls"] == {"onnxruntime": 6}
+        ours = load_npy(jobs.result(job))
+        with torch.no_grad():
+            want = pipe(prompt_embeds=request.prompt_embeds, negative_prompt_embeds=request.negative_prompt_embeds,
+                        height=32, width=32, num_frames=5, num_inference_steps=3, output_type=kind,
+                        generator=[torch.Generator().manual_seed(4)]).frames[0]
+        if output == "latent":
+            want = want.float().numpy()
+            assert np.linalg.norm(ours - want) / np.linalg.norm(want) < 1e-5
+        else:
+            want = (np.clip(want, 0, 1) * 255).round().astype(np.uint8)
+            assert ours.shape == (5, 32, 32, 3) and np.abs(ours.astype(int) - want.astype(int)).max() <= 1
+
+
+# -- on Ray Serve ------------------------------------------------------------------------------------
+ray = pytest.importorskip("ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    def __init__(self, url: str):
+        self.url = url
+
+    def request(self, method: str, path: str, data: bytes | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def post(self, payload) -> tuple[int, dict]:
+        status, data = self.request("POST", "/v1/videos", json.dumps(payload).encode())
+        return status, json.loads(data)
+
+    def job(self, job_id: str) -> dict:
+        return json.loads(self.request("GET", f"/v1/videos/{job_id}")[1])
+
+    def wait(self, job_ids, seconds: float = 180) -> dict[str, dict]:
+        deadline, out = time.monotonic() + seconds, {}
+        while time.monotonic() < deadline:
+            out = {j: self.job(j) for j in job_ids}
+            if all(job["status"] in ("succeeded", "failed", "cancelled") for job in out.values()):
+                return out
+            time.sleep(0.2)
+        raise AssertionError(f"jobs not finished in {seconds} s: {[j['status'] for j in out.values()]}")
+
+
+@pytest.fixture(scope="module")
+def service(engines):
+    from runtime import serving
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False,
+             namespace=serving.NAMESPACE)
+    config = ServiceConfig(engines, replicas=2, queue=8)
+    url = serving.start(config, port=_free_port(), echo=lambda s: None)
+    client = Client(url)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if client.request("GET", "/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    yield client, config
+    serving.stop()
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_sixteen_concurrent_requests_are_each_answered_as_if_alone(service, engines):
+    client, _ = service
+    payloads = [body(s, steps=3 if s % 5 else 2) for s in range(16)]
+    answers: list = [None] * 16
+
+    def send(i):
+        answers[i] = client.post(payloads[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(a is not None and a[0] == 202 for a in answers), [a and a[0] for a in answers]
+    ids = [a[1]["id"] for a in answers]
+    jobs = client.wait(ids)
+    assert [jobs[j]["status"] for j in ids] == ["succeeded"] * 16, [jobs[j]["error"] for j in ids]
+    worker = VideoWorker(ServiceConfig(engines, batching=False))
+    store = Jobs(100)
+    for job_id, payload in zip(ids, payloads):
+        status, data = client.request("GET", f"/v1/videos/{job_id}/content")
+        assert status == 200
+        got = load_npy(data)
+        solo = store.admit({})
+        worker.run([(solo, parse_request(payload, worker.served, worker.config, False))], store)
+        want = load_npy(store.result(solo))
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+        job = jobs[job_id]
+        assert job["progress"] == {"step": payload["num_inference_steps"], "steps": payload["num_inference_steps"]}
+        assert job["route"] == "engine" and set(job["transformer_calls"]) == {"onnxruntime"}
+        assert job["replica"]["pid"] > 0
+    # 16 calls arriving together on two replicas: Ray Serve hands them over in groups, batched where
+    # a batch-4 engine serves (seen: 4 to 8 of the 16 each run)
+    assert max(jobs[j]["batch"] for j in ids) == 4
+    metrics = client.request("GET", "/metrics")[1].decode()
+    assert 'wan_build_jobs_total{status="succeeded"} 16' in metrics
+
+
+@pytest.mark.slow
+def test_bad_requests_and_unknown_jobs_get_their_status_codes(service):
+    client, _ = service
+    status, answer = client.post(body(1, num_frames=6))
+    assert status == 422 and answer["error"]["field"] == "num_frames" and "4k + 1" in answer["error"]["message"]
+    status, data = client.request("POST", "/v1/videos", b"{not json")
+    assert status == 400 and json.loads(data)["error"]["field"] == "body"
+    assert client.request("GET", "/v1/videos/video_nope")[0] == 404
+    assert client.request("GET", "/v1/videos/video_nope/content")[0] == 404
+    # a size without an engine runs eager, and says so
+    status, answer = client.post(body(2, height=48))
+    assert status == 202 and answer["route"].startswith("eager: no engine serves 5x48x32")
+    job = client.wait([answer["id"]])[answer["id"]]
+    assert job["status"] == "succeeded" and job["transformer_calls"] == {"eager": 6}
+    health = json.loads(client.request("GET", "/health")[1])
+    assert health["status"] == "ok" and health["replicas"] == 2
+
+
+@pytest.mark.slow
+def test_a_full_queue_answers_429_and_cancel_stops_jobs(service):
+    """Capacity: 2 replicas x batch 4 + a queue of 8 = 16 jobs queued or running."""
+    client, _ = service
+    answers = [client.post(body(100 + i, steps=200)) for i in range(18)]
+    statuses = [a[0] for a in answers]
+    assert statuses.count(202) == 16 and statuses[16:] == [429, 429], statuses
+    assert "queue is full" in answers[-1][1]["error"]["message"]
+    ids = [a[1]["id"] for a in answers if a[0] == 202]
+    first = ids[0]
+    deadline = time.monotonic() + 60
+    while client.job(first)["status"] == "queued" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.request("GET", f"/v1/videos/{first}/content")[0] == 409  # not finished
+    for job_id in ids:
+        status, data = client.request("POST", f"/v1/videos/{job_id}/cancel")
+        assert status == 200
+    jobs = client.wait(ids, 120)
+    assert all(j["status"] == "cancelled" for j in jobs.values())
+    assert all(j["progress"]["step"] < 200 for j in jobs.values())
+    # room again
+    status, answer = client.post(body(5))
+    assert status == 202 and client.wait([answer["id"]])[answer["id"]]["status"] == "succeeded"
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_job_loses_no_job(service):
+    client, _ = service
+    status, answer = client.post(body(7, steps=150))
+    assert status == 202
+    job_id = answer["id"]
+    deadline = time.monotonic() + 60
+    job = client.job(job_id)
+    while (job["status"] != "running" or job["progress"]["step"] < 5) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = client.job(job_id)
+    pid = job["replica"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    job = client.wait([job_id], 180)[job_id]
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2 and job["replica"]["pid"] != pid

@@ -408,13 +408,29 @@ def serve(
                                eager, batching, max_batch, queue, {k: tuple(v) for k, v in loras.items()}, cache)
         return serving.start(config, ray, host, port), serving
 
+    import signal
+
     url, serving = _run(start)
     typer.echo(f"serving on {url} (POST {url}/v1/videos; GET {url}/health); Ctrl-C stops it")
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # a service manager's stop: shut down as on Ctrl-C
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serving.stop()
+        import threading
+
+        typer.echo("stopping the service")
+        # bounded: when the signal reached the whole process group, Ray's own processes may be gone already
+        stopper = threading.Thread(target=serving.stop, kwargs={"shutdown": True}, daemon=True)
+        stopper.start()
+        stopper.join(30)
+        if stopper.is_alive():
+            typer.echo("Ray did not answer within 30 s; exiting without it", err=True)
+            os._exit(1)
 
 
 @app.command("list")

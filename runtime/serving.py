@@ -262,16 +262,22 @@ def start(config: ServiceConfig, address: str | None = None, host: str = "127.0.
     return f"http://{host}:{port}"
 
 
-def stop() -> None:
+def stop(shutdown: bool = False) -> None:
+    """Take the application and its job store down; with `shutdown`, Serve and this Ray connection
+    too (a cluster this process started ends with it)."""
     ray, serve = _ray()
+    if not ray.is_initialized():
+        return
     try:
-        serve.delete(APP_NAME)
-    except Exception:
+        serve.delete(APP_NAME, _blocking=not shutdown)  # a shutdown does not wait for replicas to drain
+    except Exception:  # already gone
         pass
     try:
         ray.kill(ray.get_actor(JOBS_ACTOR, namespace=NAMESPACE))
-    except Exception:
+    except Exception:  # already gone
         pass
+    if shutdown:
+        ray.shutdown()
 
 
 def config_json(config: ServiceConfig) -> dict[str, Any]:

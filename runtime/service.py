@@ -532,8 +532,10 @@ class VideoWorker:
         return out
 
     def run(self, group: list[tuple[str, VideoRequest]], jobs: "Jobs | Any",
-            call: Callable = lambda f, *a, **k: f(*a, **k)) -> None:
-        """One pipeline call for `group`, reporting to `jobs` (a Jobs, or its Ray actor through `call`)."""
+            call: Callable = lambda f, *a, **k: f(*a, **k), notify: Callable | None = None) -> None:
+        """One pipeline call for `group`, reporting to `jobs` (a Jobs, or its Ray actor through `call`,
+        and `notify` for reports that need no answer, such as each step's progress)."""
+        notify = notify or call
         ids = call(jobs.start, [j for j, _ in group], len(group))
         group = [(j, r) for j, r in group if j in ids]
         if not group:
@@ -548,7 +550,7 @@ class VideoWorker:
 
                 def on_step(pipe, step, timestep, kwargs):
                     now = time.perf_counter()
-                    call(jobs.progress, ids, step + 1, first.num_inference_steps, now - last[0])
+                    notify(jobs.progress, ids, step + 1, first.num_inference_steps, now - last[0])
                     last[0] = now
                     if len(call(jobs.cancelled, ids)) == len(ids):
                         pipe._interrupt = True

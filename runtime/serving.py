@@ -116,6 +116,9 @@ def make_app(config: ServiceConfig):
         def _call(self, method, *args, **kwargs):
             return ray.get(method.remote(*args, **kwargs))
 
+        def _notify(self, method, *args, **kwargs) -> None:
+            method.remote(*args, **kwargs)  # the actor runs its calls in order; no answer awaited
+
         def _run(self, items: list[tuple[str, dict]]) -> None:
             jobs = []
             for job_id, body in items:
@@ -126,9 +129,9 @@ def make_app(config: ServiceConfig):
                     self._call(self.jobs.finish, job_id, "failed", error=str(e))
             for group in self.worker.plan(jobs):
                 self._call(self.jobs.place, [j for j, _ in group], self.where)
-                self.worker.run(group, self.jobs, self._call)
+                self.worker.run(group, self.jobs, self._call, self._notify)
 
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
         async def generate(self, items: list[tuple[str, dict]]) -> list[str]:
             await asyncio.to_thread(self._run, items)
             return ["done"] * len(items)
@@ -276,6 +279,15 @@ def stop(shutdown: bool = False) -> None:
         ray.kill(ray.get_actor(JOBS_ACTOR, namespace=NAMESPACE))
     except Exception:  # already gone
         pass
+    import time
+
+    deadline = time.monotonic() + 10  # the name is free once the actor is dead: a new deployment gets a new store
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(JOBS_ACTOR, namespace=NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.1)
     if shutdown:
         ray.shutdown()
 

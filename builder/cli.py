@@ -366,6 +366,8 @@ def serve(
         "Group requests of one size and settings into one batched call where an engine of that batch "
         "exists."))] = True,
     max_batch: Annotated[int | None, typer.Option(help="Largest batch (default: the largest engine batch).")] = None,
+    batch_wait: Annotated[float, typer.Option(help="Seconds a replica's first call waits for others to batch "
+                                                   "with.")] = 0.02,
     queue: Annotated[int, typer.Option(help="Accepted jobs waiting beyond those running; more get 429.")] = 16,
     lora: Annotated[list[str] | None, typer.Option(help=(
         "A LoRA requests may name: NAME=FILE[:STRENGTH] (repeat a NAME to stack files).") )] = None,
@@ -404,8 +406,10 @@ def serve(
                 raise InputError(f"--lora {item!r}: {path} is not a file")
             loras.setdefault(name, []).append((path, value))
         gpus = gpus_per_replica
-        config = ServiceConfig(folder, pipeline, replicas, gpus if gpus is not None else -1.0, cpus_per_replica,
-                               eager, batching, max_batch, queue, {k: tuple(v) for k, v in loras.items()}, cache)
+        config = ServiceConfig(folder, pipeline=pipeline, replicas=replicas,
+                               gpus_per_replica=gpus if gpus is not None else -1.0, cpus_per_replica=cpus_per_replica,
+                               allow_eager=eager, batching=batching, max_batch=max_batch, batch_wait_s=batch_wait,
+                               queue=queue, loras={k: tuple(v) for k, v in loras.items()}, cache=cache)
         return serving.start(config, ray, host, port), serving
 
     import signal

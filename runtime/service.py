@@ -63,6 +63,7 @@ class ServiceConfig:
     allow_eager: bool = True  # sizes no engine serves: run eager (True) or refuse them
     batching: bool = True
     max_batch: int | None = None  # None: the largest engine batch of the folder
+    batch_wait_s: float = 0.02  # how long a replica's first call waits for others to batch with
     queue: int = 16  # accepted jobs waiting beyond those running, over all replicas; more get 429
     loras: Mapping[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)  # name -> [(file, strength)]
     cache: str | None = None  # "fbc" or "fbc:THRESHOLD": diffusers' First Block Cache through the front
@@ -75,6 +76,8 @@ class ServiceConfig:
             raise InputError(f"--replicas must be >= 1 (got {self.replicas})")
         if self.queue < 0:
             raise InputError(f"--queue must be >= 0 (got {self.queue})")
+        if not 0 <= self.batch_wait_s <= 10:
+            raise InputError(f"--batch-wait must be between 0 and 10 seconds (got {self.batch_wait_s})")
         if self.max_batch is not None and self.max_batch < 1:
             raise InputError(f"--max-batch must be >= 1 (got {self.max_batch})")
         if self.cache is not None and not re.fullmatch(r"fbc(:\d*\.?\d+)?", self.cache):
@@ -508,7 +511,11 @@ class VideoWorker:
         self._calls[key] = self._calls.get(key, 0) + 1
 
     def batch_sizes(self, request: VideoRequest) -> list[int]:
-        """Batches an engine of every expert serves for this request's size (1 is always possible)."""
+        """Batches an engine of every expert serves for this request's size (1 is always possible).
+        Image-to-video requests: 1 (diffusers' WanImageToVideoPipeline does not take a batch of images:
+        a list is refused, and a tensor batch breaks its latent conditioning, seen with diffusers 0.42)."""
+        if request.image is not None:
+            return [1]
         latent = latent_size(self.served.config, request.num_frames, request.height, request.width)
         tokens = request.text_tokens if request.text_tokens is not None else 512
         return sorted(set(self.served.batches(latent, tokens)) | {1})
@@ -588,7 +595,7 @@ class VideoWorker:
         elif any(r.negative_prompt for _, r in group):
             args["negative_prompt"] = [r.negative_prompt or "" for _, r in group]
         if first.image is not None:
-            args["image"] = [r.image for _, r in group] if len(group) > 1 else first.image
+            args["image"] = first.image  # image-to-video jobs run one per call (`batch_sizes`)
         return args
 
 

@@ -112,6 +112,7 @@ def make_app(config: ServiceConfig):
             self.jobs = jobs_actor()
             self.where = {"host": socket.gethostname(), "pid": os.getpid()}
             self.generate.set_max_batch_size(batch_size)
+            self.generate.set_batch_wait_timeout_s(cfg.batch_wait_s)
 
         def _call(self, method, *args, **kwargs):
             return ray.get(method.remote(*args, **kwargs))
@@ -131,7 +132,7 @@ def make_app(config: ServiceConfig):
                 self._call(self.jobs.place, [j for j, _ in group], self.where)
                 self.worker.run(group, self.jobs, self._call, self._notify)
 
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # both set from the config at start
         async def generate(self, items: list[tuple[str, dict]]) -> list[str]:
             await asyncio.to_thread(self._run, items)
             return ["done"] * len(items)

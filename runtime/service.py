@@ -479,6 +479,9 @@ class VideoWorker:
             transformers["transformer_2"] = self.fronts[names[1]]
         extra = {"boundary_ratio": manifest.boundary} if manifest.boundary is not None else {}
         if config.pipeline == "tiny":
+            if model.per_token_timesteps:
+                raise WanBuildError("--pipeline tiny has the Wan2.1 VAE's geometry; a TI2V model (the Wan2.2 VAE, "
+                                    "per-token timesteps) needs its diffusers pipeline folder: --pipeline FOLDER")
             torch.manual_seed(0)
             vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=model.out_channels, dim_mult=[1, 1, 1, 1],
                                              num_res_blocks=1, temperal_downsample=[False, True, True]).eval()

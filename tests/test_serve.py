@@ -218,6 +218,39 @@ def test_serve_s_bad_options_are_one_line(engines, tmp_path):
     assert not ray.is_initialized()  # refused before any cluster started
 
 
+def test_named_loras_of_the_deployment_compute_what_diffusers_does(engines, tmp_path):
+    """--lora style=FILE:0.8: a job naming it runs with the LoRA merged (equal to diffusers' pipeline
+    with diffusers' model and the same LoRA as a PEFT adapter), the next job without it on the base
+    weights again (equal to the job run before any LoRA)."""
+    import diffusers
+
+    from .test_lora import diffusers_with, make_lora
+
+    lora = make_lora(CONFIG, tmp_path / "style.safetensors", "original", seed=4)
+    worker = VideoWorker(ServiceConfig(engines, loras={"style": ((str(lora), 0.8),)}))
+    jobs = Jobs(10)
+    plain = parse_request(body(3), worker.served, worker.config, False)
+    styled = parse_request(body(3, loras=["style"]), worker.served, worker.config, False)
+    ids = [jobs.admit({}) for _ in range(3)]
+    for job_id, request in zip(ids, (plain, styled, plain)):
+        worker.run([(job_id, request)], jobs)
+        assert jobs.get(job_id)["status"] == "succeeded", jobs.get(job_id)
+    before, with_lora, after = (load_npy(jobs.result(j)) for j in ids)
+    assert np.array_equal(before, after)  # the base weights restored exactly
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True]).eval()
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae,
+                                 transformer=diffusers_with(engines.parent / "w", [(lora, 0.8)]),
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+    with torch.no_grad():
+        want = pipe(prompt_embeds=styled.prompt_embeds, negative_prompt_embeds=styled.negative_prompt_embeds,
+                    height=32, width=32, num_frames=5, num_inference_steps=3, output_type="latent",
+                    generator=[torch.Generator().manual_seed(3)]).frames[0].float().numpy()
+    assert np.linalg.norm(with_lora - want) / np.linalg.norm(want) < 1e-5
+    assert np.linalg.norm(with_lora - before) / np.linalg.norm(before) > 1e-3  # the LoRA did change it
+
+
 # -- on Ray Serve ------------------------------------------------------------------------------------
 ray = pytest.importorskip("ray")
 

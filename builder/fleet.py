@@ -69,6 +69,10 @@ class FleetError(WanBuildError):
     """A fleet build cannot start (no Ray, no cluster at that address); the message says what to do."""
 
 
+class _SendAgain(BuildFailed):
+    """The attempt cannot be committed, but another one can (its files must be sent in full)."""
+
+
 def import_ray():
     try:
         import ray
@@ -150,7 +154,11 @@ def machines(ray, profile: Profile, cpus_per_entry: int, echo: Echo) -> list[Mac
     remote = ray.remote(_probe)
     for m in out:
         if m.problem is None:
-            m.report = ray.get(remote.options(**m.options, max_retries=2).remote(m.device))
+            try:
+                m.report = ray.get(remote.options(**m.options, max_retries=2).remote(m.device))
+            except Exception as e:  # a worker without wan-build, a node lost: say so, in one line
+                raise FleetError(f"the probe of the {m.label} machines failed ({one_line(e)}); every node needs "
+                                 f"wan-build installed ({RAY_HINT})") from None
             echo(f"machine {m.label}: {m.report['device']['name']} on {m.report['host']} "
                  f"(torch {m.report['versions'].get('torch')})")
     return out
@@ -293,8 +301,9 @@ class _Receiver:
         stored = self.out / WEIGHTS_STORE / f"{want.sha256}{''.join(Path(name).suffixes[-2:])}"
         digest = _fresh_sha256(stored) if stored.is_file() and not stored.is_symlink() else None
         if digest != want.sha256:
-            raise BuildFailed(f"{self.entry.label()}: the stored weights {stored.name} changed during the build; "
-                              "run the build again")
+            remove(stored)  # damaged or gone: the next attempt (or run) sends the file itself
+            raise _SendAgain(f"{self.entry.label()}: the stored weights {stored.name} were damaged; removed, "
+                             "and the entry is sent again with its weights")
         try:
             os.link(stored, self.tmp / name)
         except OSError:
@@ -329,14 +338,28 @@ def _lost(e: BaseException) -> bool:
     return type(e).__name__ in LOST or any(type(c).__name__ in LOST for c in type(e).__mro__)
 
 
-def _memory_request(ray, entry: PlannedEntry, profile: Profile, device: str) -> dict[str, Any]:
-    """The host memory the planner says the entry's build needs, as a Ray resource (left out where no
-    node could give it: the task then runs where it fits best, and may run short)."""
+def _fits(node: dict, options: dict[str, Any]) -> bool:
+    """Whether a node has the resources of `options` (GPUs, CPUs, the accelerator type) at all."""
+    have = node.get("Resources", {})
+    want = {"GPU": options.get("num_gpus", 0), "CPU": options.get("num_cpus", 0)}
+    if options.get("accelerator_type"):
+        want[f"accelerator_type:{options['accelerator_type']}"] = 0.001
+    return bool(node.get("Alive")) and all(have.get(k, 0) >= v for k, v in want.items() if v)
+
+
+def _memory_request(ray, entry: PlannedEntry, profile: Profile, machine: "Machine") -> dict[str, Any]:
+    """The host memory the planner says the entry's build needs, as a Ray resource, when a node that
+    can take the task has that much (left out otherwise: the task runs where it fits best and may run
+    short). FleetError when no node can take the task at all (it would wait forever)."""
     from .planning.costs import build_memory
 
-    need = build_memory(profile.config, entry.shape, entry.precision, entry.backend, device,
+    nodes = [n for n in ray.nodes() if _fits(n, machine.options)]
+    if not nodes:
+        raise FleetError(f"no node of the Ray cluster has {', '.join(f'{k}={v}' for k, v in machine.options.items())} "
+                         "for one task; lower --cpus-per-entry or add such a node")
+    need = build_memory(profile.config, entry.shape, entry.precision, entry.backend, machine.device,
                         strip_weights=profile.tensorrt.strip_weights)["host"].total
-    largest = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    largest = max(n.get("Resources", {}).get("memory", 0) for n in nodes)
     return {"memory": int(need)} if 0 < need <= largest else {}
 
 
@@ -379,19 +402,34 @@ def build_on_ray(profile: Profile, out: Path, address: str, *, allow_mismatch: b
                         continue
                     work.append((entry, m))
             lock = threading.Lock()
+            stopping = threading.Event()
+            running: set = set()  # the streams in flight, to cancel on an interrupt
             progress = _FleetProgress(len(work), echo)
             task = ray.remote(build_task)
 
             def run(entry: PlannedEntry, machine: Machine) -> EntryResult:
+                try:
+                    result = attempts(entry, machine)
+                except Exception as e:  # this entry's failure alone (a full disk here, a Ray error)
+                    result = EntryResult(entry, "failed", 0.0, None, f"{entry.label()}: {one_line(e)}")
+                if result.status not in ("built", "rebuilt"):  # those were counted as they were committed
+                    progress.finished(0.0)
+                    progress.echo(f"{entry.label()} [{machine.label}]: {result.status} ({result.message})")
+                return result
+
+            def attempts(entry: PlannedEntry, machine: Machine) -> EntryResult:
                 status = "rebuilt" if entry.id in manifest.entries or entry.id in manifest.raw_bad_entries else "built"
                 label = f"{entry.label()} [{machine.label}]"
                 for attempt in range(retries + 1):
+                    if stopping.is_set():
+                        return EntryResult(entry, "failed", 0.0, None, f"{entry.label()}: the build was interrupted")
                     stored = {p.name.split(".", 1)[0] for p in (out / WEIGHTS_STORE).glob("*.data")} \
                         if (out / WEIGHTS_STORE).is_dir() else set()
-                    options = {**machine.options, **_memory_request(ray, entry, profile, machine.device),
-                               "num_returns": "streaming", "max_retries": 0}
+                    options = {**machine.options, **_memory_request(ray, entry, profile, machine),
+                               "num_returns": "streaming", "max_retries": 0,
+                               "_generator_backpressure_num_objects": 8}  # at most 8 chunks ahead of the driver
                     result = _run_one(ray, task, options, profile, entry, machine, start.fingerprints, stored,
-                                      allow_mismatch, out, manifest, lock, label, progress, status)
+                                      allow_mismatch, out, manifest, lock, label, progress, status, running)
                     if result is not None:
                         return result
                     if attempt < retries:
@@ -402,10 +440,21 @@ def build_on_ray(profile: Profile, out: Path, address: str, *, allow_mismatch: b
 
             if work:
                 echo(f"building {len(work)} entries on the Ray cluster ({len(order) - len(work)} kept or skipped)")
-            with ThreadPoolExecutor(max_workers=max(1, min(len(work), 64))) as pool:
+            pool = ThreadPoolExecutor(max_workers=max(1, min(len(work), 64)))
+            try:
                 futures = {entry.id: pool.submit(run, entry, m) for entry, m in work}
                 for entry_id, future in futures.items():
                     results[entry_id] = future.result()
+            except BaseException:  # Ctrl-C: no new task starts, running ones are cancelled, partials removed
+                stopping.set()
+                for gen in list(running):
+                    try:
+                        ray.cancel(gen, force=True)
+                    except Exception:  # already finished
+                        pass
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
             report.results = [results[i] for i in order]
     finally:
         if started:
@@ -414,14 +463,17 @@ def build_on_ray(profile: Profile, out: Path, address: str, *, allow_mismatch: b
 
 
 def _run_one(ray, task, options, profile, entry, machine, fingerprints, stored, allow_mismatch, out, manifest, lock,
-             label, progress, status) -> EntryResult | None:
-    """One attempt; None when the worker was lost (the caller may submit it again)."""
+             label, progress, status, running: set) -> EntryResult | None:
+    """One attempt; None when the worker was lost or the files must be sent again (the caller may
+    submit it again)."""
     t0 = time.perf_counter()
     receiver = _Receiver(out, entry)
     where: dict[str, Any] = {}
+    gen = task.options(**options).remote(profile, entry, machine.device, fingerprints, stored, allow_mismatch)
+    running.add(gen)
+    finished = False
     try:
-        for ref in task.options(**options).remote(profile, entry, machine.device, fingerprints, stored,
-                                                  allow_mismatch):
+        for ref in gen:
             event = ray.get(ref)
             kind = event[0]
             if kind == "started":
@@ -430,11 +482,12 @@ def _run_one(ray, task, options, profile, entry, machine, fingerprints, stored, 
             elif kind == "log":
                 progress.echo(f"{label} @{where.get('host')}: {event[1]}")
             elif kind == "skipped":
+                finished = True
                 receiver.discard()
                 return EntryResult(entry, "skipped", 0.0, None, event[1])
             elif kind == "failed":
+                finished = True
                 receiver.discard()
-                progress.finished(time.perf_counter() - t0)
                 return EntryResult(entry, "failed", time.perf_counter() - t0, None, event[1], host=where.get("host"))
             elif kind == "record":
                 receiver.take_record(event[1])
@@ -445,6 +498,7 @@ def _run_one(ray, task, options, profile, entry, machine, fingerprints, stored, 
             elif kind == "stored":
                 receiver.link_stored(event[1])
             elif kind == "done":
+                finished = True
                 record = receiver.finish(where)
                 with lock:
                     install(receiver.tmp, out / entry.id)
@@ -466,6 +520,10 @@ def _run_one(ray, task, options, profile, entry, machine, fingerprints, stored, 
                                    host=where.get("host"))
         receiver.discard()
         return None  # the stream ended without an outcome: the worker went away
+    except _SendAgain as e:
+        receiver.discard()
+        progress.echo(str(e))
+        return None
     except BuildFailed as e:
         receiver.discard()
         return EntryResult(entry, "failed", time.perf_counter() - t0, None, one_line(e))
@@ -477,6 +535,13 @@ def _run_one(ray, task, options, profile, entry, machine, fingerprints, stored, 
     except BaseException:
         receiver.discard()
         raise
+    finally:
+        running.discard(gen)
+        if not finished:
+            try:
+                ray.cancel(gen)  # a stream given up early must not keep its worker busy
+            except Exception:  # already finished
+                pass
 
 
 class _FleetProgress:

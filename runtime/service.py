@@ -141,9 +141,10 @@ class VideoRequest:
 
     def group_key(self) -> tuple:
         """Jobs with equal keys can share one pipeline call (batch = number of jobs)."""
-        negative = self.negative_prompt_embeds is not None
+        negative = None if self.negative_prompt_embeds is None else tuple(self.negative_prompt_embeds.shape)
         return (self.height, self.width, self.num_frames, self.num_inference_steps, self.guidance_scale, self.output,
-                self.loras, self.text_tokens, negative, self.prompt is None, self.image is None)
+                self.loras, self.text_tokens, negative, self.prompt is None, self.negative_prompt is None,
+                self.image is None)
 
 
 def _int(data: Mapping, name: str, default: int | None, low: int, high: int) -> int:
@@ -294,8 +295,10 @@ def size_route(request: VideoRequest, served: Served, allow_eager: bool) -> str:
 
 # -- jobs -------------------------------------------------------------------------------------------
 class Jobs:
-    """Every job's state, bounded: at most `capacity` queued or running (more: `admit` says no), and
-    `kept` finished ones. Thread-safe; on Ray it lives in one actor that every replica reports to."""
+    """Every job's state, bounded: at most `capacity` held (more: `admit` says no), and `kept` finished
+    ones. A job is held from its admission until a replica lets go of it (finished, or skipped as
+    cancelled), so a cancelled job frees its place only once no replica still works on it.
+    Thread-safe; on Ray it lives in one actor that every replica reports to."""
 
     def __init__(self, capacity: int, kept: int = 256):
         self.capacity, self.kept = capacity, kept
@@ -311,7 +314,7 @@ class Jobs:
         """A new job's id, or None when the queue is full."""
         with self._lock:
             self.counters["requests"] += 1
-            active = sum(j["status"] in ("queued", "running") for j in self._jobs.values())
+            active = sum(j["held"] for j in self._jobs.values())
             if active >= self.capacity:
                 self.counters["refused_full"] += 1
                 return None
@@ -319,7 +322,7 @@ class Jobs:
             self._jobs[job_id] = {"id": job_id, "object": "video", "status": "queued", "created_at": time.time(),
                                   "progress": {"step": 0, "steps": summary.get("num_inference_steps")},
                                   "request": summary, "route": summary.get("route"), "attempts": 0,
-                                  "error": None, "transformer_calls": {}, "batch": None}
+                                  "error": None, "transformer_calls": {}, "batch": None, "held": True}
             return job_id
 
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -338,6 +341,8 @@ class Jobs:
             for job_id in job_ids:
                 job = self._jobs.get(job_id)
                 if job is None or job["status"] in FINAL:
+                    if job is not None:
+                        job["held"] = False  # the replica skips it: its place is free
                     continue
                 job.update(status="running", started_at=time.time(), batch=batch)
                 job["attempts"] += 1
@@ -378,7 +383,10 @@ class Jobs:
                calls: Mapping[str, int] | None = None) -> None:
         with self._lock:
             job = self._jobs.get(job_id)
-            if job is None or job["status"] in FINAL:
+            if job is None:
+                return
+            job["held"] = False
+            if job["status"] in FINAL:  # cancelled meanwhile: it stays cancelled
                 return
             job.update(status=status, finished_at=time.time(), error=error)
             if calls:
@@ -388,7 +396,7 @@ class Jobs:
             if result is not None:
                 self._results[job_id] = result
             self.counters[f"jobs_{status}"] += 1
-            finished = [j for j in self._jobs.values() if j["status"] in FINAL]
+            finished = [j for j in self._jobs.values() if j["status"] in FINAL and not j["held"]]
             for old in sorted(finished, key=lambda j: j["finished_at"])[:max(0, len(finished) - self.kept)]:
                 self._jobs.pop(old["id"], None)
                 self._results.pop(old["id"], None)
@@ -403,6 +411,21 @@ class Jobs:
                 self.counters["jobs_cancelled"] += 1
             return {**job}
 
+    def release(self, job_id: str) -> None:
+        """No replica works on the job any more (its call was lost after it was cancelled)."""
+        with self._lock:
+            if job_id in self._jobs:
+                self._jobs[job_id]["held"] = False
+
+    def orphan(self, reason: str) -> int:
+        """Fail the queued jobs nobody will start (the API that drove them restarted); running ones
+        finish on their replica. Returns how many failed."""
+        with self._lock:
+            queued = [j for j in self._jobs.values() if j["status"] == "queued"]
+        for job in queued:
+            self.finish(job["id"], "failed", error=reason)
+        return len(queued)
+
     def cancelled(self, job_ids: Iterable[str]) -> list[str]:
         with self._lock:
             return [j for j in job_ids if self._jobs.get(j, {}).get("status") == "cancelled"]
@@ -413,7 +436,7 @@ class Jobs:
             for job in self._jobs.values():
                 states[job["status"]] += 1
             return {"counters": dict(self.counters), "states": states, "routes": dict(self.routes),
-                    "capacity": self.capacity}
+                    "capacity": self.capacity, "held": sum(j["held"] for j in self._jobs.values())}
 
 
 def prometheus(stats: Mapping[str, Any]) -> str:

@@ -153,6 +153,8 @@ def make_app(config: ServiceConfig):
             self.generator = generator
             self.jobs = jobs_actor()
             self.tasks: set = set()
+            # a restarted API replica: the queued jobs the previous one drove are nobody's now
+            ray.get(self.jobs.orphan.remote("the service's API restarted before this job started; submit it again"))
 
         async def _drive(self, job_id: str, body: dict) -> None:
             """Run the job; when its replica dies, again elsewhere, up to `retries` times."""
@@ -164,6 +166,7 @@ def make_app(config: ServiceConfig):
                     last = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
                     job = await self.jobs.get.remote(job_id)
                     if job is None or job["status"] in FINAL:
+                        await self.jobs.release.remote(job_id)
                         return
                     if attempt < config.retries and await self.jobs.requeue.remote(job_id, last):
                         continue
@@ -177,11 +180,16 @@ def make_app(config: ServiceConfig):
 
         @app.post("/v1/videos", status_code=202)
         async def create(self, request: Request):
-            length = int(request.headers.get("content-length") or 0)
-            if length > MAX_BODY:
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
                 return error(413, f"the body is {length} bytes; at most {MAX_BODY} are taken", "body")
+            raw = bytearray()
+            async for chunk in request.stream():  # also bounds a chunked body, which has no length
+                raw += chunk
+                if len(raw) > MAX_BODY:
+                    return error(413, f"the body is over {MAX_BODY} bytes", "body")
             try:
-                body = json.loads(await request.body())
+                body = json.loads(bytes(raw))
             except ValueError as e:
                 return error(400, f"not valid JSON ({e})", "body")
             try:
@@ -260,10 +268,28 @@ def start(config: ServiceConfig, address: str | None = None, host: str = "127.0.
                          f"{served.config.name}: give --pipeline with its diffusers pipeline folder")
     if config.gpus_per_replica < 0:
         config = replace(config, gpus_per_replica=1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+    _drop_store(ray)  # a new deployment starts with a new job store (and the capacity of this config)
     serve.start(http_options={"host": host, "port": port})
     echo(f"deploying {config.replicas} replica(s) of the Wan pipeline on {config.engines}")
     serve.run(make_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
+
+
+def _drop_store(ray) -> None:
+    """Kill the job store actor and wait until its name is free (a new deployment then gets a new one)."""
+    import time
+
+    try:
+        ray.kill(ray.get_actor(JOBS_ACTOR, namespace=NAMESPACE))
+    except ValueError:  # none
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(JOBS_ACTOR, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.1)
 
 
 def stop(shutdown: bool = False) -> None:
@@ -276,19 +302,7 @@ def stop(shutdown: bool = False) -> None:
         serve.delete(APP_NAME, _blocking=not shutdown)  # a shutdown does not wait for replicas to drain
     except Exception:  # already gone
         pass
-    try:
-        ray.kill(ray.get_actor(JOBS_ACTOR, namespace=NAMESPACE))
-    except Exception:  # already gone
-        pass
-    import time
-
-    deadline = time.monotonic() + 10  # the name is free once the actor is dead: a new deployment gets a new store
-    while time.monotonic() < deadline:
-        try:
-            ray.get_actor(JOBS_ACTOR, namespace=NAMESPACE)
-        except ValueError:
-            break
-        time.sleep(0.1)
+    _drop_store(ray)
     if shutdown:
         ray.shutdown()
 

@@ -85,6 +85,31 @@ def test_requests_are_checked_field_by_field(engines):
         size_route(odd, served, allow_eager=False)
 
 
+def test_a_cancelled_job_holds_its_place_until_no_replica_works_on_it(engines):
+    jobs = Jobs(capacity=2)
+    a, b = jobs.admit({}), jobs.admit({})
+    assert jobs.admit({}) is None and jobs.stats()["counters"]["refused_full"] == 1
+    jobs.cancel(a)  # queued, cancelled: its call is still on its way to a replica
+    assert jobs.get(a)["status"] == "cancelled" and jobs.admit({}) is None
+    assert jobs.start([a, b], 2) == [b]  # the replica skips it, and lets go of it
+    c = jobs.admit({})
+    assert c is not None and jobs.admit({}) is None
+    jobs.cancel(b)  # running, cancelled: held until the replica's call ends
+    assert jobs.admit({}) is None
+    jobs.finish(b, "succeeded", result=b"x")
+    assert jobs.get(b)["status"] == "cancelled" and jobs.result(b) is None  # a cancelled job stays cancelled
+    assert jobs.admit({}) is not None
+
+
+def test_jobs_with_other_negative_embedding_lengths_are_not_batched_together(engines):
+    served, config = Served.of(read_manifest(engines)), ServiceConfig(engines)
+    short = body(1, prompt_embeds=None, prompt="a fox")
+    long = {**short, "negative_prompt_embeds": encode_embeds(torch.randn(1, TEXT + 4, CONFIG.text_dim))}
+    one, other = (parse_request(b, served, config, text_encoder=True) for b in (short, long))
+    assert one.group_key() != other.group_key()
+    assert one.group_key() == parse_request(dict(short), served, config, text_encoder=True).group_key()
+
+
 def test_the_worker_batches_where_an_engine_of_that_batch_exists(engines):
     """Six jobs of one size: a batch-4 call and two alone (engines of batch 1 and 4 only); each job's
     latents equal the same request run alone (fp32: under 1e-5)."""
@@ -348,9 +373,10 @@ def test_sixteen_concurrent_requests_are_each_answered_as_if_alone(service, engi
         assert job["progress"] == {"step": payload["num_inference_steps"], "steps": payload["num_inference_steps"]}
         assert job["route"] == "engine" and set(job["transformer_calls"]) == {"onnxruntime"}
         assert job["replica"]["pid"] > 0
-    # 16 calls arriving within the replicas' batch window: Ray Serve hands them over in groups, run
-    # batched where a batch-4 engine serves
-    assert max(jobs[j]["batch"] for j in ids) == 4, sorted(jobs[j]["batch"] for j in ids)
+    # Which of them ran batched depends on how Ray Serve's router and the batch window met them (on a
+    # loaded machine, sometimes none): the grouping itself is checked deterministically in
+    # test_the_worker_batches_where_an_engine_of_that_batch_exists, its effect in bench/serve.py.
+    assert all(jobs[j]["batch"] in (1, 4) for j in ids)  # only batches an engine was built for
     metrics = client.request("GET", "/metrics")[1].decode()
     assert 'wan_build_jobs_total{status="succeeded"} 16' in metrics
 

@@ -185,15 +185,15 @@ def _insert(onnx_path: Path, data_path: Path, calibration: Int8Calibration, dtyp
                     graph.emit(helper.make_node(op, [src, f"{tag}.int8_scale", f"{tag}.int8_zero_point"], [dst],
                                                 name=f"{tag}.{op}", axis=axis))
             else:
-                # the smoothed weight, quantized here as ONNX's QuantizeLinear would (x / scale in the
-                # graph's dtype, half to even, saturated), stored as int8
+                # the smoothed weight, quantized here (half to even, saturated), stored as int8
                 weight = calibration.smoothed_weight[name]  # [out, in]
                 held = initializers.get(node.input[1])
                 want = list(weight.shape) if transposed else [weight.shape[1], weight.shape[0]]
                 if held is None or list(held.dims) != want:
                     raise QuantizeError(f"{onnx_path}: the MatMul of {name} does not take its weight as a stored "
                                         f"{want} matrix; cannot write its SmoothQuant weight")
-                codes = torch.round(weight.to(dtype) / scales.reshape(-1, 1)).clamp(-128, 127).to(torch.int8)
+                # in fp32, as Model Optimizer's fake quantization computes (with the scale as the graph stores it)
+                codes = torch.round(weight.float() / scales.float().reshape(-1, 1)).clamp(-128, 127).to(torch.int8)
                 codes = codes if transposed else codes.t()
                 tensor = onnx.TensorProto(name=f"{tag}.int8", data_type=int8, dims=list(codes.shape))
                 offset = data.tell()

@@ -366,6 +366,8 @@ def serve(
         "Group requests of one size and settings into one batched call where an engine of that batch "
         "exists."))] = True,
     max_batch: Annotated[int | None, typer.Option(help="Largest batch (default: the largest engine batch).")] = None,
+    max_eager_tokens: Annotated[int | None, typer.Option(help=(
+        "Largest size, in video tokens, served eager (default: the largest engine size)."))] = None,
     batch_wait: Annotated[float, typer.Option(help="Seconds a replica's first call waits for others to batch "
                                                    "with.")] = 0.02,
     queue: Annotated[int, typer.Option(help="Accepted jobs waiting beyond those running; more get 429.")] = 16,
@@ -408,7 +410,8 @@ def serve(
         gpus = gpus_per_replica
         config = ServiceConfig(folder, pipeline=pipeline, replicas=replicas,
                                gpus_per_replica=gpus if gpus is not None else -1.0, cpus_per_replica=cpus_per_replica,
-                               allow_eager=eager, batching=batching, max_batch=max_batch, batch_wait_s=batch_wait,
+                               allow_eager=eager, max_eager_tokens=max_eager_tokens, batching=batching,
+                               max_batch=max_batch, batch_wait_s=batch_wait,
                                queue=queue, loras={k: tuple(v) for k, v in loras.items()}, cache=cache)
         return serving.start(config, ray, host, port), serving
 

@@ -165,6 +165,30 @@ def machines(ray, profile: Profile, cpus_per_entry: int, echo: Echo) -> list[Mac
 
 
 # -- the worker -----------------------------------------------------------------------------------------
+WORK_ROOT = "wan-build-fleet"  # under the system temp folder: one folder per entry build, named by the pid
+
+
+def _work_folder(entry: PlannedEntry) -> Path:
+    """A fresh folder for one build on this worker; folders of builds whose process is gone (a worker
+    killed mid-build) are removed first."""
+    root = Path(tempfile.gettempdir()) / WORK_ROOT
+    root.mkdir(exist_ok=True)
+    for old in root.iterdir():
+        pid = old.name.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{entry.id}-", dir=root))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
 def build_task(profile: Profile, entry: PlannedEntry, device: str, fingerprints: dict[str, str], stored: set[str],
                allow_mismatch: bool) -> Iterator[tuple]:
     """Runs on a Ray worker (a streaming generator): builds `entry` and yields what happened, then its
@@ -193,7 +217,7 @@ def build_task(profile: Profile, entry: PlannedEntry, device: str, fingerprints:
                          + ", ".join(f"{k} {here[k]!r} (planned {entry.identity.get(k)!r})" for k in differs)
                          + "; give the cluster's nodes of one kind the same libraries")
         return
-    work = Path(tempfile.mkdtemp(prefix=f"wan-build-{entry.id}-"))
+    work = _work_folder(entry)
     events: queue.Queue = queue.Queue()
     done = object()
 

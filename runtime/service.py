@@ -61,6 +61,7 @@ class ServiceConfig:
     gpus_per_replica: float = 0.0  # 0: CPU replicas; -1: 1 where the cluster has GPUs (`serving.start`)
     cpus_per_replica: float = 1.0
     allow_eager: bool = True  # sizes no engine serves: run eager (True) or refuse them
+    max_eager_tokens: int | None = None  # eager sizes up to this many video tokens; None: the largest engine's
     batching: bool = True
     max_batch: int | None = None  # None: the largest engine batch of the folder
     batch_wait_s: float = 0.02  # how long a replica's first call waits for others to batch with
@@ -78,6 +79,8 @@ class ServiceConfig:
             raise InputError(f"--queue must be >= 0 (got {self.queue})")
         if not 0 <= self.batch_wait_s <= 10:
             raise InputError(f"--batch-wait must be between 0 and 10 seconds (got {self.batch_wait_s})")
+        if self.max_eager_tokens is not None and self.max_eager_tokens < 0:
+            raise InputError(f"--max-eager-tokens must be >= 0 (got {self.max_eager_tokens})")
         if self.max_batch is not None and self.max_batch < 1:
             raise InputError(f"--max-batch must be >= 1 (got {self.max_batch})")
         if self.cache is not None and not re.fullmatch(r"fbc(:\d*\.?\d+)?", self.cache):
@@ -279,9 +282,16 @@ def _image(value: Any):
         raise RequestError("image", "is not a readable base64 PNG or JPEG") from None
 
 
-def size_route(request: VideoRequest, served: Served, allow_eager: bool) -> str:
+def video_tokens(config: WanConfig, frames: int, height: int, width: int) -> int:
+    """Tokens of one latent video (what attention's cost grows with)."""
+    pt, ph, pw = config.patch_size
+    return (frames // pt) * (height // ph) * (width // pw)
+
+
+def size_route(request: VideoRequest, served: Served, allow_eager: bool, max_eager_tokens: int | None = None) -> str:
     """The route the request's size gets: "engine" when a batch-1 engine serves it, else "eager: why";
-    RequestError when eager is forbidden."""
+    RequestError when eager is forbidden, or when the size is larger than eager may run here (by
+    default the largest engine size: what the deployment's memory was planned for)."""
     latent = latent_size(served.config, request.num_frames, request.height, request.width)
     tokens = request.text_tokens if request.text_tokens is not None else 512
     if 1 in served.batches(latent, tokens):
@@ -290,6 +300,13 @@ def size_route(request: VideoRequest, served: Served, allow_eager: bool) -> str:
            f"(engines: {served.describe()})")
     if not allow_eager:
         raise RequestError("height", f"{why}; this deployment forbids eager, so send a size it serves")
+    limit = max_eager_tokens if max_eager_tokens is not None else max(
+        (video_tokens(served.config, f, h, w) for _, f, h, w, _ in served.shapes), default=0)
+    have = video_tokens(served.config, latent.frames, latent.height, latent.width)
+    if have > limit:
+        raise RequestError("height", f"{request.num_frames}x{request.height}x{request.width} is {have} video tokens; "
+                                     f"eager runs at most {limit} here (the largest engine size; the deployment's "
+                                     f"--max-eager-tokens raises it); {why}")
     return f"eager: {why}"
 
 

@@ -194,7 +194,7 @@ def make_app(config: ServiceConfig):
                 return error(400, f"not valid JSON ({e})", "body")
             try:
                 parsed = parse_request(body, served, config, text_encoder)
-                route = size_route(parsed, served, config.allow_eager)
+                route = size_route(parsed, served, config.allow_eager, config.max_eager_tokens)
             except RequestError as e:
                 return error(e.status, str(e), e.field)
             job_id = await self.jobs.admit.remote(summary(body, route))

@@ -121,6 +121,22 @@ def test_a_worker_killed_mid_build_fails_its_entry_alone_and_a_rerun_completes_i
     manifest = _manifest(tmp_path / "out")  # valid, and lists exactly the finished entries
     assert sorted(manifest.entries) == sorted(r.entry.id for r in report.results if r.status == "built")
     assert not (tmp_path / "out" / failed.entry.id).exists()
+    # build folders of workers that died (this one's, had it made one, or any other) are removed by the
+    # next fleet build on the machine; a live process's folder stays
+    import tempfile
+
+    from builder.fleet import WORK_ROOT
+
+    root = Path(tempfile.gettempdir()) / WORK_ROOT
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (root / f"{dead}-0123456789abcdef-x" / "entry").mkdir(parents=True, exist_ok=True)
+    (root / f"{os.getpid()}-0123456789abcdef-y").mkdir(parents=True, exist_ok=True)
+    again = build(load_profile(serial / "p.yaml"), tmp_path / "again", echo=lambda s: None, ray="local")
+    assert [r.status for r in again.results] == ["built"] * len(SHAPES)
+    assert not (root / f"{dead}-0123456789abcdef-x").exists() and not list(root.glob(f"{kills[0]}-*"))
+    assert (root / f"{os.getpid()}-0123456789abcdef-y").is_dir()
+    (root / f"{os.getpid()}-0123456789abcdef-y").rmdir()
     # a serial rerun builds only the lost entry
     rerun = build(load_profile(serial / "p.yaml"), tmp_path / "out", echo=lambda s: None)
     assert sorted(r.status for r in rerun.results) == ["built", "kept", "kept"]

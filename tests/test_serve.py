@@ -80,9 +80,14 @@ def test_requests_are_checked_field_by_field(engines):
     # a size no engine serves: eager with the reason, or refused
     odd = parse_request(body(1, height=48), served, config, text_encoder=False)
     assert size_route(ok, served, allow_eager=False) == "engine"
-    assert size_route(odd, served, True).startswith("eager: no engine serves 5x48x32 with 16 text tokens")
+    assert size_route(odd, served, True, 100).startswith("eager: no engine serves 5x48x32 with 16 text tokens")
     with pytest.raises(RequestError, match="forbids eager"):
         size_route(odd, served, allow_eager=False)
+    # eager stops at the largest engine size (5x32x32: 8 video tokens; 5x48x32 has 12), unless raised
+    with pytest.raises(RequestError, match="is 12 video tokens; eager runs at most 8 here") as e:
+        size_route(odd, served, True)
+    assert e.value.field == "height"
+    assert size_route(odd, served, True, max_eager_tokens=12).startswith("eager: no engine serves 5x48x32")
 
 
 def test_a_cancelled_job_holds_its_place_until_no_replica_works_on_it(engines):
@@ -322,7 +327,7 @@ def service(engines):
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False,
              namespace=serving.NAMESPACE)
-    config = ServiceConfig(engines, replicas=2, queue=8, batch_wait_s=0.5)  # a wide window: batches form under load too
+    config = ServiceConfig(engines, replicas=2, queue=8, batch_wait_s=0.5, max_eager_tokens=12)  # a wide window: batches form under load too
     url = serving.start(config, port=_free_port(), echo=lambda s: None)
     client = Client(url)
     deadline = time.monotonic() + 120
@@ -391,6 +396,8 @@ def test_bad_requests_and_unknown_jobs_get_their_status_codes(service):
     assert client.request("GET", "/v1/videos/video_nope")[0] == 404
     assert client.request("GET", "/v1/videos/video_nope/content")[0] == 404
     # a size without an engine runs eager, and says so
+    status, answer = client.post(body(1, height=4096, width=4096))  # would not fit where engines were planned
+    assert status == 422 and answer["error"]["field"] == "height" and "video tokens" in answer["error"]["message"]
     status, answer = client.post(body(2, height=48))
     assert status == 202 and answer["route"].startswith("eager: no engine serves 5x48x32")
     job = client.wait([answer["id"]])[answer["id"]]

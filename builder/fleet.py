@@ -50,9 +50,8 @@ from runtime.errors import WanBuildError
 from runtime.manifest import ENTRY_FILE, Entry, device_info, tool_versions
 from runtime.precision import Precision
 
-from .backends import builder
 from .build import BuildFailed, BuildReport, EntryResult, begin, build_files, one_line, plan_entries, skip_reason
-from .build.entries import PlannedEntry
+from .build.entries import PlannedEntry, machine_identity
 from .build.folder import (WEIGHTS_STORE, FolderError, check_kept, folder_lock, install, remove, share_weights,
                            write_atomic, write_manifest)
 from .profiles import Profile
@@ -207,10 +206,7 @@ def build_task(profile: Profile, entry: PlannedEntry, device: str, fingerprints:
     if reason:
         yield ("skipped", f"{reason} (on {host})")
         return
-    versions = tool_versions()
-    here = {"torch": versions["torch"], **builder(entry.backend).identity(profile, device_info(dev), versions)}
-    if entry.calibrated:
-        here["modelopt"] = versions["modelopt"]
+    here = machine_identity(profile, entry.backend, entry.precision, device_info(dev), tool_versions())
     differs = [k for k, v in here.items() if entry.identity.get(k) != v]
     if differs:
         yield ("failed", f"{entry.label()}: {host} would build another entry than planned: its "

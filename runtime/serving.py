@@ -51,11 +51,15 @@ def _ray():
     return ray, serve
 
 
-def capacity(config: ServiceConfig, served: Served) -> int:
-    """Jobs queued or running at once before 429: a batch per replica plus the queue."""
+def batch_limit(config: ServiceConfig, served: Served) -> int:
+    """The most calls a replica takes as one batch: the largest engine batch (or --max-batch), 1 without batching."""
     largest = max((b for b, *_ in served.shapes), default=1)
-    batch = min(largest, config.max_batch or largest) if config.batching else 1
-    return config.replicas * batch + config.queue
+    return max(1, min(largest, config.max_batch or largest)) if config.batching else 1
+
+
+def capacity(config: ServiceConfig, served: Served) -> int:
+    """Jobs held at once before 429: a batch per replica plus the queue."""
+    return config.replicas * batch_limit(config, served) + config.queue
 
 
 def has_text_encoder(config: ServiceConfig) -> bool:
@@ -91,8 +95,7 @@ def make_app(config: ServiceConfig):
     served = Served.of(read_manifest(config.engines))
     text_encoder = has_text_encoder(config)
     limit = capacity(config, served)
-    largest = max((b for b, *_ in served.shapes), default=1)
-    batch_size = max(1, min(largest, config.max_batch or largest)) if config.batching else 1
+    batch_size = batch_limit(config, served)
 
     def jobs_actor():
         remote = ray.remote(num_cpus=0)(Jobs)

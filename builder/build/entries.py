@@ -51,6 +51,15 @@ def shape_identity(shape: StaticShape, config) -> dict[str, Any]:
             "image_tokens": shape.image_tokens, "per_token_timesteps": shape.per_token_timesteps}
 
 
+def machine_identity(profile: Profile, backend: str, precision: str, device: dict[str, Any],
+                     versions: dict[str, Any]) -> dict[str, Any]:
+    """The part of an entry's identity that comes from the machine building it (libraries, GPU)."""
+    out = {"torch": versions["torch"], **builder(backend).identity(profile, device, versions)}
+    if calibrated(precision, backend):
+        out["modelopt"] = versions["modelopt"]
+    return out
+
+
 def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.device | None,
                  calls: list[Call] | None = None, *, machine: dict[str, Any] | None = None) -> list[PlannedEntry]:
     """Every entry the profile asks for, with its id. With `calls` (the profile's calibration data),
@@ -68,11 +77,10 @@ def plan_entries(profile: Profile, fingerprints: dict[str, str], device: torch.d
                 for backend in profile.backends:
                     identity = {"backend": backend, "precision": precision, "config": config,
                                 "weights": fingerprints[expert.name], "shape": shape_identity(shape, profile.config),
-                                "torch": versions["torch"], **builder(backend).identity(profile, dev, versions)}
+                                **machine_identity(profile, backend, precision, dev, versions)}
                     identity.update(builder(backend).precision_identity(profile, Precision(precision)))
                     mine: tuple[Call, ...] = ()
                     if calibrated(precision, backend):
-                        identity["modelopt"] = versions["modelopt"]
                         if calls:
                             mine = tuple(c for c in calls if c.expert == expert.name and c.shape == shape)
                             identity["calibration"] = fingerprint([c.file for c in mine])

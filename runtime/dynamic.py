@@ -25,7 +25,7 @@ from .errors import GeometryError, InputError
 from .fp8 import Fp8Linear, quantize_fp8
 from .integrity import weights_fingerprint
 from .precision import Precision
-from .static import StaticShape, StaticWanTransformer, add_parameters, parameter_shapes
+from .static import StaticShape, StaticWanTransformer, add_parameters, parameter_shapes, skeleton
 from .gguf import has_quantized
 from .weights import check_tensors, load_checkpoint, materialize, parameter_dtype
 
@@ -101,14 +101,14 @@ class WanTransformer(nn.Module):
         if tensors is None:
             add_parameters(self, config)
         else:
-            with torch.device("meta"):
+            with skeleton():
                 add_parameters(self, config)
             shapes = parameter_shapes(config)
             if has_quantized(tensors):  # GGUF weights kept in their blocks (runtime.gguf)
                 from .gguf import expected_shapes, swap_gguf_layers
 
                 shapes = expected_shapes(shapes, tensors)
-                with torch.device("meta"):
+                with skeleton():
                     swap_gguf_layers(self, tensors)
             check_tensors(shapes, tensors, config.name)
             self.load_state_dict(dict(tensors), strict=True, assign=True)

@@ -14,6 +14,7 @@ Section numbers match between `__init__` and `forward`:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -355,14 +356,48 @@ def swap_fp8_layers(module: nn.Module, parameters: dict[str, torch.Tensor]) -> N
                                             parameters[name[: -len("weight")] + "bias"].dtype))
 
 
+_INITIALIZERS = frozenset(getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_"))
+_IN_PLACE_FILLS = frozenset((torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.zero_, torch.Tensor.fill_))
+_SCALINGS = frozenset((torch.Tensor.__truediv__, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.div,
+                       torch.Tensor.mul))
+_RANDOM = frozenset((torch.randn, torch.rand))
+
+
+class _ShapesOnly(torch.overrides.TorchFunctionMode):
+    """Inside `skeleton()`: the initializers and the scalings of initial values, which only change
+    values, are skipped (a meta tensor has none); random tensors are made empty."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INITIALIZERS or func in _IN_PLACE_FILLS:
+            return args[0] if args else kwargs["tensor"]
+        if func in _SCALINGS and len(args) == 2 and isinstance(args[1], (int, float)):
+            return args[0]
+        if func in _RANDOM:
+            kwargs.pop("generator", None)
+            return torch.empty(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def skeleton():
+    """Build modules on the meta device for their tensors to be replaced (`load_state_dict(...,
+    assign=True)`): the meta device, minus the initial values. Running torch's initializers on meta
+    tensors costs nothing per call but imports torch's Python meta kernels the first time in a
+    process (about 1.5 s, on every cold start); here they are not run. Thread-local, like any
+    torch function mode."""
+    with torch.device("meta"), _ShapesOnly():
+        yield
+
+
 @functools.lru_cache(maxsize=32)
 def parameter_shapes(config: WanConfig) -> dict[str, torch.Size]:
     """Name -> shape of every parameter the model holds (built on the meta device, no memory).
     Cached per config: treat the result as read-only."""
-    with torch.device("meta"):
-        skeleton = nn.Module()
-        add_parameters(skeleton, config)
-    return {name: p.shape for name, p in skeleton.named_parameters()}
+    with skeleton():
+        module = nn.Module()
+        add_parameters(module, config)
+    return {name: p.shape for name, p in module.named_parameters()}
 
 
 def call_block(block: "TransformerBlock", x: torch.Tensor, contexts: tuple[torch.Tensor, ...],
@@ -421,7 +456,7 @@ class StaticWanTransformer(nn.Module):
     def from_parameters(cls, config: WanConfig, shape: StaticShape,
                         parameters: dict[str, torch.Tensor]) -> "StaticWanTransformer":
         """Build around existing tensors (shared, not copied): several shapes, one set of weights."""
-        with torch.device("meta"):
+        with skeleton():
             model = cls(config, shape)
             swap_fp8_layers(model, parameters)
             if any(v.dtype == torch.int8 for v in parameters.values()):  # runtime.int8 layers

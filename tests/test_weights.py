@@ -202,3 +202,28 @@ def test_truncated_file_is_refused(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match="past the end"):
         WanTransformer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("preset", ["tiny-t2v", "tiny-i2v", "mid-i2v"])
+def test_skeleton_has_the_parameters_of_a_real_model(preset):
+    """`parameter_shapes` builds without initial values; names, shapes and dtypes equal a model built
+    the ordinary way, and an nn.Linear made outside the skeleton (another thread) is initialized."""
+    import threading
+
+    from runtime.static import add_parameters, skeleton
+
+    config = get_preset(preset)
+    real = torch.nn.Module()
+    add_parameters(real, config)
+    assert {n: p.shape for n, p in real.named_parameters()} == parameter_shapes(config)
+    made = {}
+    with skeleton():
+        module = torch.nn.Module()
+        add_parameters(module, config)
+        worker = threading.Thread(target=lambda: made.update(linear=torch.nn.Linear(64, 64)))
+        worker.start()
+        worker.join()
+    assert {n: (p.shape, p.dtype) for n, p in module.named_parameters()} == \
+        {n: (p.shape, p.dtype) for n, p in real.named_parameters()}
+    assert all(p.is_meta for p in module.parameters())
+    assert made["linear"].weight.device.type == "cpu" and made["linear"].weight.abs().sum() > 0

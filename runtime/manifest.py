@@ -47,6 +47,7 @@ INT8_DATA = "model.int8.data"  # SmoothQuant int8 entries: the smoothed weights,
 WEIGHT_PREFIX = "model."
 AOTI_FILE = "engine.pt2"
 INDUCTOR_FILE = "block.compiled"
+COMPILE_CACHE_FILE = "compile-cache.zip"  # inductor and aoti entries: what a fresh process compiled at load (runtime.compile_cache)
 PLAN_FILE = "engine.plan"
 PARITY_FILE = "parity.json"
 ENTRY_FILE = "entry.json"  # the entry's own record, for rebuilding a lost manifest; not in `files`
@@ -94,7 +95,19 @@ def device_info(device: torch.device | str) -> dict[str, Any]:
         index = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
         return {"type": "cuda", "name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
-    return {"type": device.type, "name": platform.processor() or platform.machine(), "compute_capability": None}
+    return {"type": device.type, "name": platform.processor() or platform.machine(), "compute_capability": None,
+            "cpu_isa": cpu_isa()}
+
+
+def cpu_isa() -> str:
+    """The vector instruction sets of this CPU that compiled CPU code uses: ATen's capability
+    (avx2, avx512, sve256, default) and the extensions Inductor's kernels pick up (amx, vnni,
+    avx512_bf16). Code compiled on one such CPU is refused on another (it could fault or differ)."""
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    extensions = [name for name, probe in (("amx", "_is_amx_tile_supported"), ("vnni", "_is_vnni_supported"),
+                                           ("avx512_bf16", "_is_avx512_bf16_supported"))
+                  if getattr(torch.cpu, probe, lambda: False)()]
+    return "+".join([isa, *extensions])
 
 
 def capability_of(device: torch.device | str) -> tuple[int, int] | None:

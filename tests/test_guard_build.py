@@ -81,6 +81,12 @@ def test_aoti_packages_of_other_gpus_are_other_entries(tmp_path):
     other_h100 = aoti.identity(profile, {"type": "cuda", "name": "H100 NVL", "compute_capability": "9.0"}, versions)
     cpu = aoti.identity(profile, device_info("cpu"), versions)
     assert h100 != l40 and h100 == other_h100 and cpu not in (h100, l40)
+    # on the CPU, the vector instruction sets (AMX, AVX-512 or AVX2 kernels fault on CPUs without them)
+    avx2 = aoti.identity(profile, {**device_info("cpu"), "cpu_isa": "avx2"}, versions)
+    amx = aoti.identity(profile, {**device_info("cpu"), "cpu_isa": "avx512+amx+vnni+avx512_bf16"}, versions)
+    assert avx2 != amx
+    assert builder("inductor").identity(profile, {**device_info("cpu"), "cpu_isa": "avx2"}, versions) != \
+        builder("inductor").identity(profile, {**device_info("cpu"), "cpu_isa": "avx512"}, versions)
 
 
 @pytest.mark.parametrize("option,value,changes", [

@@ -94,14 +94,15 @@ def flip_byte_keep_time(path: Path, offset: int | None = None) -> None:
 
 
 def spy_loads(monkeypatch) -> list[str]:
-    """sha256 of every AOTInductor package this process loads from now on (loads still happen)."""
+    """sha256 of every AOTInductor package this process loads from now on (loads still happen): at
+    torch's package loader class, which every way of loading a package goes through."""
     loaded = []
-    real = torch._inductor.aoti_load_package
+    real = torch._C._aoti.AOTIModelPackageLoader
 
-    def spy(f, **kwargs):
-        loaded.append(hashlib.sha256(f.getvalue() if hasattr(f, "getvalue") else Path(f).read_bytes()).hexdigest())
-        return real(f, **kwargs)
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", spy)
+    def spy(path, *args):
+        loaded.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+        return real(path, *args)
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", spy)
     return loaded
 
 
@@ -404,7 +405,7 @@ def test_a_failed_load_is_tried_once(built, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         calls.append(1)
         raise RuntimeError("simulated loader failure")
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", broken)
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", broken)
     model = WanTransformer.from_pretrained(built / "w", engines=folder, backends=["aoti"])
     with torch.no_grad():
         for _ in range(3):

@@ -48,6 +48,14 @@ class Job:
     release_weights: Callable[[], None] = lambda: None  # drop the build's torch copy of the weights (low memory)
 
 
+def compiled_for(device: dict[str, Any]) -> str:
+    """The device part of a compiled entry's identity: the compute capability on a GPU, the vector
+    instruction sets on the CPU (`runtime.manifest.cpu_isa`)."""
+    if device["type"] == "cuda":
+        return device["compute_capability"]
+    return device["type"] + (f":{device['cpu_isa']}" if device.get("cpu_isa") else "")
+
+
 class BuilderBackend(ABC):
     name: str = ""
 

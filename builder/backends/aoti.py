@@ -26,7 +26,7 @@ from runtime.static import StaticWanTransformer
 from ..build.export import quiet_torch
 from ..build.folder import write_atomic
 from ..build.parity import compare
-from . import BuilderBackend, Job
+from . import BuilderBackend, Job, compiled_for
 
 
 def compile_aoti(model: StaticWanTransformer, inputs: tuple[torch.Tensor, ...], folder: Path) -> bytes:
@@ -57,7 +57,7 @@ class AOTIBuilder(BuilderBackend):
         return True
 
     def identity(self, profile, device, versions):
-        return {"device": device["type"] if device["type"] != "cuda" else device["compute_capability"]}
+        return {"device": compiled_for(device)}
 
     def build(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         model, inputs = job.model, job.inputs

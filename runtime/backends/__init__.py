@@ -85,8 +85,9 @@ class Engine(ABC):
 
 def compiled_device_problem(entry: Entry, device: torch.device | str,
                             capability: tuple[int, int] | None) -> str | None:
-    """Why code compiled for `entry`'s device cannot run here: another device type, or on a GPU
-    another compute capability (compiled kernels are specific to both); None when it can."""
+    """Why code compiled for `entry`'s device cannot run here: another device type, on a GPU another
+    compute capability, on the CPU other vector instruction sets (compiled kernels are specific to
+    each); None when it can."""
     device = torch.device(device)
     if entry.device_type != device.type:
         return f"compiled for {entry.device_type}, the model runs on {device.type}"
@@ -94,6 +95,12 @@ def compiled_device_problem(entry: Entry, device: torch.device | str,
     here = f"{capability[0]}.{capability[1]}" if capability else None
     if device.type == "cuda" and built_for != here:
         return f"compiled for compute capability {built_for}, this GPU is {here}"
+    if device.type == "cpu" and entry.device.get("cpu_isa") is not None:
+        from ..manifest import cpu_isa
+
+        if entry.device["cpu_isa"] != cpu_isa():
+            return (f"compiled for a CPU with {entry.device['cpu_isa']}, this CPU has {cpu_isa()} "
+                    "(build the entry on a machine of this CPU kind)")
     return None
 
 

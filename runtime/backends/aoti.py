@@ -14,6 +14,8 @@ it; each is checked before loading.
 from __future__ import annotations
 
 import io
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -54,12 +56,43 @@ class AOTIEngine(Engine):
         return out[0] if len(out) == 1 else tuple(out)
 
 
+class Package:
+    """A loaded package, called the way torch's `AOTICompiledModel` calls its loader (flat tensors in,
+    flat tensors out), without importing `torch.export` (2 s of every cold start on the CPU)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def get_constant_fqns(self) -> list[str]:
+        return self.loader.get_constant_fqns()
+
+    def load_constants(self, constants: Mapping[str, torch.Tensor], *, check_full_update: bool,
+                       user_managed: bool) -> None:
+        self.loader.load_constants(constants, False, check_full_update, user_managed)  # use_inactive=False
+
+    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        return self.loader.boxed_run(list(inputs))
+
+
 def load_package(data: bytes, device: torch.device):
+    """The package in `data`, loaded by torch's package loader directly. `aoti_load_package` would
+    first compare the machine with the package's metadata, for a warning only, and that comparison
+    probes the CPU's vector instruction sets by compiling a test program per set (17 s on an empty
+    compile cache); the entry's own checks (device, compute capability, CPU instruction sets, torch)
+    ran before this. Torch builds without that loader class go through `aoti_load_package`."""
     device = torch.device(device)
     index = -1
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch._inductor.aoti_load_package(io.BytesIO(data), device_index=index)
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise RuntimeError("the package is not a ZIP archive (a .pt2 package is one)")
+    loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if loader is None:
+        return torch._inductor.aoti_load_package(io.BytesIO(data), device_index=index)
+    with tempfile.NamedTemporaryFile(suffix=".pt2") as f:  # the loader reads a path; it unpacks its own copy
+        f.write(data)
+        f.flush()
+        return Package(loader(f.name, "model", False, 1, index))
 
 
 class AOTIBackend(Backend):

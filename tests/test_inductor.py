@@ -38,7 +38,8 @@ def test_inductor_entries_serve_like_diffusers(tmp_path, monkeypatch, form):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
     manifest = _build(tmp_path)
     entry = next(iter(manifest["entries"].values()))
-    assert entry["options"]["form"] == form and set(entry["files"]) == {"block.compiled", "parity.json"}
+    assert entry["options"]["form"] == form and set(entry["files"]) == {"block.compiled", "compile-cache.zip",
+                                                                        "parity.json"}
     assert entry["parity"]["relative"] < 1e-5
     model = WanTransformer.from_pretrained(tmp_path / "w", engines=tmp_path / "out")
     x, t, ctx, _ = make_inputs(CONFIG, 1, (2, 4, 6), text_tokens=16)
@@ -57,7 +58,7 @@ def test_inductor_entries_serve_like_diffusers(tmp_path, monkeypatch, form):
 def test_inductor_entries_are_refused_for_another_torch_python_or_device(tmp_path, monkeypatch):
     """Guards the version and device rules of compiled code (no compile here: the records are edited)."""
     from runtime.backends import backend
-    from runtime.manifest import capability_of, tool_versions
+    from runtime.manifest import capability_of, cpu_isa, tool_versions
     from runtime.static import StaticShape
 
     from .conftest import make_entry
@@ -78,5 +79,63 @@ def test_inductor_entries_are_refused_for_another_torch_python_or_device(tmp_pat
     assert "compiled for cuda, the model runs on cpu" in b.compatibility(gpu, cpu, None, here)
     odd = make_entry(CONFIG, StaticShape(1, 2, 4, 6, 16), "inductor", versions=dict(here), options={"form": "x"})
     assert "artifact form 'x'" in b.compatibility(odd, cpu, None, here)
+    for name in ("inductor", "aoti"):  # CPU code of other vector instruction sets (AVX-512 or AMX code faults on AVX2)
+        other_cpu = make_entry(CONFIG, StaticShape(1, 2, 4, 6, 16), name, versions=dict(here),
+                               device={"type": "cpu", "compute_capability": None, "cpu_isa": "sve256"},
+                               options={"form": "aot_compile"})
+        assert (f"compiled for a CPU with sve256, this CPU has {cpu_isa()}"
+                in backend(name).compatibility(other_cpu, cpu, None, here))
     assert "fp8 engines are built by the tensorrt backend and aoti" in b.runs(
         __import__("runtime.precision", fromlist=["Precision"]).Precision.FP8, cpu, None)
+
+
+FRESH = """
+import json, sys, torch
+import torch._inductor.cpp_builder as cpp_builder
+from runtime import WanTransformer
+import runtime.compile_cache as compile_cache
+def no_compiler(self, *a, **k):
+    raise RuntimeError("the C++ compiler was called")
+cpp_builder.CppBuilder.build = no_compiler
+if sys.argv[2] == "no-seed":
+    compile_cache.seed_entry = lambda *a, **k: 0
+model = WanTransformer.from_pretrained(sys.argv[1] + "/w", engines=sys.argv[1] + "/out")
+g = torch.Generator().manual_seed(0)
+x = torch.randn(1, 16, 2, 4, 6, generator=g)
+ctx = torch.randn(1, 16, model.config.text_dim, generator=g)
+with torch.no_grad():
+    out = model(x, torch.tensor([500.0]), ctx).sample
+torch.save(out, sys.argv[1] + "/out-" + sys.argv[2] + ".pt")
+print(json.dumps({"backend": model.last_route.backend, "reason": model.last_route.reason}))
+"""
+
+
+@pytest.mark.slow
+def test_a_fresh_process_serves_the_artifact_without_compiling(tmp_path):
+    """A process with an empty compile cache and no C++ compiler serves the entry from its compile
+    cache (the kernels its build's fresh-process load compiled) and equals diffusers; without the
+    seeding, the same process cannot load it and falls back to eager, saying why."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _build(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    results = {}
+    for mode in ("seed", "no-seed"):
+        (tmp_path / f"tmp-{mode}").mkdir()  # an empty temp folder too: torch keeps precompiled headers there
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"empty-{mode}"), "PYTHONPATH": str(root),
+               "TMPDIR": str(tmp_path / f"tmp-{mode}")}
+        r = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path), mode], capture_output=True, text=True,
+                           env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert results["seed"]["backend"] == "inductor", results
+    assert results["no-seed"]["backend"] == "eager" and "the C++ compiler was called" in results["no-seed"]["reason"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 2, 4, 6, generator=g)
+    ctx = torch.randn(1, 16, CONFIG.text_dim, generator=g)
+    with torch.no_grad():
+        ref = reference_model(tmp_path / "w")(x, torch.tensor([500.0]), ctx).sample
+    assert relative_error(torch.load(tmp_path / "out-seed.pt"), ref) < 1e-5

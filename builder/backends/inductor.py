@@ -8,12 +8,13 @@ import io
 import torch
 
 from runtime.backends.inductor import InductorEngine, available_form
-from runtime.manifest import INDUCTOR_FILE
+from runtime.manifest import COMPILE_CACHE_FILE, INDUCTOR_FILE
 from runtime.static import StaticWanTransformer, call_block
 
+from ..build.compile_cache import capture
 from ..build.export import quiet_torch
 from ..build.folder import write_atomic
-from . import BuilderBackend, Job
+from . import BuilderBackend, Job, compiled_for
 
 
 def block_inputs(model: StaticWanTransformer, inputs: tuple[torch.Tensor, ...]) -> tuple:
@@ -49,6 +50,14 @@ def compile_block(model: StaticWanTransformer, inputs: tuple[torch.Tensor, ...],
         return artifacts[0]
 
 
+def store_compile_cache(job: Job, artifact=None, form: str | None = None) -> None:
+    """Write the entry's compile cache (`runtime.compile_cache`), if its device has one to keep."""
+    bundle, info = capture(str(job.device), artifact, form)
+    if bundle is not None:
+        write_atomic(job.folder / COMPILE_CACHE_FILE, bundle)
+        job.record.setdefault("build", {})["compile_cache"] = info
+
+
 class InductorBuilder(BuilderBackend):
     name = "inductor"
 
@@ -56,7 +65,7 @@ class InductorBuilder(BuilderBackend):
         return True
 
     def identity(self, profile, device, versions):
-        return {"device": device["type"] if device["type"] != "cuda" else device["compute_capability"],
+        return {"device": compiled_for(device),
                 "triton": versions.get("triton"), "python": versions.get("python"), "form": available_form()}
 
     def options(self, profile):
@@ -72,6 +81,8 @@ class InductorBuilder(BuilderBackend):
         job.folder.mkdir(parents=True, exist_ok=True)
         data = compile_block(model, inputs, form)
         write_atomic(job.folder / INDUCTOR_FILE, data)
+        job.echo("loading it in a fresh process with an empty compile cache (what it compiles is kept)")
+        store_compile_cache(job, job.folder / INDUCTOR_FILE, form)
         job.echo("parity (loading the artifact)")
         engine = InductorEngine(job.draft, job.device, model, form, data)
         return engine(*inputs), reference

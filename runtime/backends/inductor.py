@@ -14,13 +14,14 @@ tensors (so other weights of the same structure work too); the embeddings and th
 Both forms hold pickled Python objects and generated code: like every engine folder, this one is
 code, loaded only from bytes whose sha256 was just checked. Compiled code is specific to the torch,
 Triton and Python that made it and to the device (the compute capability on CUDA); each is checked
-before loading. On the CPU, Inductor's C++ kernels are compiled again when the artifact is loaded
-(the artifact keeps their source, not the shared library), so the saving there is small; on a
-GPU the Triton kernels are kept (docs/benchmarks.md says what was measured where).
+before loading. On the CPU the artifact keeps Inductor's C++ kernels as source, compiled when it is
+loaded; the entry's compile cache (`runtime.compile_cache`) holds what that load compiled, so a
+fresh process finds them built (docs/benchmarks.md says what was measured where).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..compile_cache import seed_entry
 from ..integrity import read_verified
 from ..manifest import INDUCTOR_FILE, Entry, entry_file
 from ..precision import Precision
@@ -40,9 +42,26 @@ FORMS = ("aot_compile", "cache_artifacts")
 
 def available_form() -> str:
     """The artifact form this torch can write and read."""
-    if hasattr(torch.compiler, "load_compiled_function") and hasattr(torch.compile(lambda: None), "aot_compile"):
+    # Asked without importing Dynamo (4 s on a CPU), as the check of every entry at open runs it:
+    # torch has the artifact where it has the loader and Dynamo's aot_compile module.
+    if hasattr(torch.compiler, "load_compiled_function") and (Path(torch.__file__).parent / "_dynamo" / "aot_compile.py").is_file():
         return "aot_compile"
     return "cache_artifacts"
+
+
+@contextlib.contextmanager
+def without_header_precompile():
+    """Loading an artifact on the CPU builds its C++ kernels, or finds them in the compile cache
+    (`runtime.compile_cache`), keyed without the precompiled header. With header precompiling on,
+    Inductor would first run the preprocessor over its kernel header and build that header (150 MB,
+    7 s on an empty machine) even when every kernel is found; off, only missing kernels are compiled."""
+    from torch._inductor import config
+
+    if not hasattr(config, "cpp_cache_precompile_headers"):
+        yield
+        return
+    with config.patch(cpp_cache_precompile_headers=False):
+        yield
 
 
 def load_block(form: str, data: bytes) -> Callable | None:
@@ -50,7 +69,8 @@ def load_block(form: str, data: bytes) -> Callable | None:
     import runtime.static as static_module
 
     if form == "aot_compile":
-        compiled = torch.compiler.load_compiled_function(io.BytesIO(data), f_globals=vars(static_module))
+        with without_header_precompile():
+            compiled = torch.compiler.load_compiled_function(io.BytesIO(data), f_globals=vars(static_module))
         # Its guards compare every tensor's dispatch keys with the compile's, which differ with the
         # caller's grad and inference modes although the arithmetic does not; what matters is checked
         # by us instead (the entry's shapes and dtypes on every call, its device and versions at load).
@@ -152,4 +172,5 @@ class InductorBackend(Backend):
     def load(self, entry: Entry, folder: Path, device: torch.device, model, options: Mapping | None = None) -> Engine:
         info = entry.files[INDUCTOR_FILE]
         data = read_verified(entry_file(folder, entry, INDUCTOR_FILE), info.sha256, info.bytes)
+        seed_entry(entry, folder, device)
         return InductorEngine(entry, device, model, entry.options["form"], data)

@@ -4,7 +4,8 @@ per-call time after it, for every way wan-build serves a call.
 Routes: eager (the static model), compile=True with an empty compile cache (what a new machine or
 container pays), compile=True again with the cache the first run left (a restart on the same
 machine), the `inductor` artifact, the AOTInductor engine and the ONNX Runtime engine (fp32, built
-once before timing; every engine route starts with an empty compile cache). Each
+once before timing; every engine route starts with an empty compile cache and temp folder, as a new
+container would). Each
 route runs in its own process, started with the same interpreter; "to first output" is measured by
 the parent from spawning the process to the child's report after its first forward, so imports,
 loading the weights and checking the engines all count.
@@ -142,13 +143,14 @@ def main() -> None:
         spec = {"root": str(ROOT), "preset": args.preset, "weights": str(root / "weights"), "latent": latent,
                 "text_tokens": args.text_tokens, "engines": str(root / "engines"), "calls": args.calls,
                 "threads": args.threads, "device": args.device, "dtype": args.dtype}
-        cache = root / "inductor-cache"
         results = []
         for route in routes:
-            # Each route gets an empty compile cache, but the warm compile run, which gets what the
-            # empty-cache compile run left.
-            folder = cache if route.startswith("compile") else root / f"cache-{len(results)}"
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder)}
+            # Each route starts as on a new machine or container: an empty compile cache and an
+            # empty temp folder (torch keeps its precompiled headers there), but the warm compile
+            # run, which gets what the empty-cache compile run left.
+            folder = root / ("compile" if route.startswith("compile") else f"route-{len(results)}")
+            (folder / "tmp").mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "TMPDIR": str(folder / "tmp")}
             r = run_route(route, spec, env, args.timeout)
             results.append(r)
             line = (f"{route:24s} first output {r['to_first_output_s']:7.2f} s  steady {r['steady_s']:.3f} s/call  "

@@ -6,7 +6,11 @@ alternating rounds (A B C ... then reversed) so machine noise hits all alike; re
 medians. The front's own cost per call (input checks + routing) is timed separately, since it is
 far below the run-to-run noise of a whole forward.
 
-    python bench/cpu.py [--rounds 5] [--threads 2] [--no-engines] [--json docs/benchmarks/cpu.json]
+    python bench/cpu.py [--rounds 5] [--threads 2] [--no-engines] [--cold-start] [--json docs/benchmarks/cpu.json]
+
+`--cold-start` then times every route from a fresh process to its first output at the same config
+(bench/cold_start.py: eager, compile=True cold and warm, the inductor artifact, AOTInductor, ONNX
+Runtime; its JSON goes beside --json as *-cold-start.json).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,6 +83,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-engines", action="store_true", help="skip building and timing engines")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="then time each route from a fresh process to its first output (bench/cold_start.py)")
     parser.add_argument("--json", type=Path, help="write the raw times here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -148,6 +155,13 @@ def main() -> None:
         results.update({"latent": LATENT, "threads": args.threads, "torch": torch.__version__, "times_s": times,
                         "relative_error": errors, "front_overhead_us": overhead})
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.cold_start:
+        cmd = [sys.executable, str(Path(__file__).with_name("cold_start.py")), "--preset", "mid-i2v",
+               "--latent", ",".join(map(str, LATENT)), "--threads", str(args.threads)]
+        if args.json:
+            cmd += ["--json", str(args.json.with_name(args.json.stem + "-cold-start.json"))]
+        print("\ncold starts, each route in a fresh process:", flush=True)
+        subprocess.run(cmd, check=True)
 
 
 if __name__ == "__main__":

@@ -28,26 +28,39 @@ def _build(root, form_patch=None):
     return json.loads((root / "out" / "manifest.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def aot_built(tmp_path_factory):
+    """One tiny entry of the aot_compile form (what this torch builds), shared by the tests below."""
+    if inductor_runtime.available_form() != "aot_compile":
+        pytest.skip(f"torch {torch.__version__} has no aot_compile; the cache_artifacts case covers the backend")
+    root = tmp_path_factory.mktemp("aot")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor-cache"))
+        manifest = _build(root)
+    return root, manifest
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("form", ["aot_compile", "cache_artifacts"])
-def test_inductor_entries_serve_like_diffusers(tmp_path, monkeypatch, form):
-    if form == "aot_compile" and inductor_runtime.available_form() != "aot_compile":
-        pytest.skip(f"torch {torch.__version__} has no aot_compile; the cache_artifacts case covers it")
-    monkeypatch.setattr(inductor_runtime, "available_form", lambda: form)
-    monkeypatch.setattr("builder.backends.inductor.available_form", lambda: form)
+def test_inductor_entries_serve_like_diffusers(tmp_path, monkeypatch, request, form):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
-    manifest = _build(tmp_path)
+    if form == "aot_compile":
+        root, manifest = request.getfixturevalue("aot_built")
+    else:
+        monkeypatch.setattr(inductor_runtime, "available_form", lambda: form)
+        monkeypatch.setattr("builder.backends.inductor.available_form", lambda: form)
+        root, manifest = tmp_path, _build(tmp_path)
     entry = next(iter(manifest["entries"].values()))
     assert entry["options"]["form"] == form and set(entry["files"]) == {"block.compiled", "compile-cache.zip",
                                                                         "parity.json"}
     assert entry["parity"]["relative"] < 1e-5
-    model = WanTransformer.from_pretrained(tmp_path / "w", engines=tmp_path / "out")
+    model = WanTransformer.from_pretrained(root / "w", engines=root / "out")
     x, t, ctx, _ = make_inputs(CONFIG, 1, (2, 4, 6), text_tokens=16)
     strided = x.permute(0, 1, 2, 4, 3).contiguous().permute(0, 1, 2, 4, 3)
     with torch.no_grad():
         out = model(strided, t, ctx).sample
         assert model.last_route.backend == "inductor", model.last_route
-        ref = reference_model(tmp_path / "w")(x, t, ctx).sample
+        ref = reference_model(root / "w")(x, t, ctx).sample
     assert relative_error(out, ref) < 1e-5
     with torch.inference_mode():  # pipelines call under no_grad or inference mode: both are served
         again = model(x, t, ctx).sample
@@ -105,13 +118,13 @@ x = torch.randn(1, 16, 2, 4, 6, generator=g)
 ctx = torch.randn(1, 16, model.config.text_dim, generator=g)
 with torch.no_grad():
     out = model(x, torch.tensor([500.0]), ctx).sample
-torch.save(out, sys.argv[1] + "/out-" + sys.argv[2] + ".pt")
+torch.save(out, sys.argv[3])
 print(json.dumps({"backend": model.last_route.backend, "reason": model.last_route.reason}))
 """
 
 
 @pytest.mark.slow
-def test_a_fresh_process_serves_the_artifact_without_compiling(tmp_path):
+def test_a_fresh_process_serves_the_artifact_without_compiling(tmp_path, aot_built):
     """A process with an empty compile cache and no C++ compiler serves the entry from its compile
     cache (the kernels its build's fresh-process load compiled) and equals diffusers; without the
     seeding, the same process cannot load it and falls back to eager, saying why."""
@@ -120,15 +133,15 @@ def test_a_fresh_process_serves_the_artifact_without_compiling(tmp_path):
     import sys
     from pathlib import Path
 
-    _build(tmp_path)
+    built, _ = aot_built
     root = Path(__file__).resolve().parents[1]
     results = {}
     for mode in ("seed", "no-seed"):
         (tmp_path / f"tmp-{mode}").mkdir()  # an empty temp folder too: torch keeps precompiled headers there
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"empty-{mode}"), "PYTHONPATH": str(root),
                "TMPDIR": str(tmp_path / f"tmp-{mode}")}
-        r = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path), mode], capture_output=True, text=True,
-                           env=env, timeout=600)
+        r = subprocess.run([sys.executable, "-c", FRESH, str(built), mode, str(tmp_path / f"out-{mode}.pt")],
+                           capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         results[mode] = json.loads(r.stdout.strip().splitlines()[-1])
     assert results["seed"]["backend"] == "inductor", results
@@ -137,5 +150,5 @@ def test_a_fresh_process_serves_the_artifact_without_compiling(tmp_path):
     x = torch.randn(1, 16, 2, 4, 6, generator=g)
     ctx = torch.randn(1, 16, CONFIG.text_dim, generator=g)
     with torch.no_grad():
-        ref = reference_model(tmp_path / "w")(x, torch.tensor([500.0]), ctx).sample
+        ref = reference_model(built / "w")(x, torch.tensor([500.0]), ctx).sample
     assert relative_error(torch.load(tmp_path / "out-seed.pt"), ref) < 1e-5

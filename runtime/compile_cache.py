@@ -24,6 +24,8 @@ import os
 import re
 import zipfile
 from pathlib import Path
+from typing import Mapping
+
 import torch
 
 log = logging.getLogger("wan_build.runtime")
@@ -47,16 +49,25 @@ def check_name(name: str) -> tuple[str, ...]:
     return parts
 
 
-def pack(root: Path) -> bytes:
-    """Every regular file under `root` (no locks, no links), as a zip of relative names."""
+def files_under(root: Path) -> dict[str, bytes]:
+    """Relative name -> bytes of every regular file under `root`, but locks and temp files (no links)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink() or not path.is_file() or rel.split("/")[0] == "locks" or path.suffix in (".lock", ".tmp"):
+            continue
+        check_name(rel)
+        out[rel] = path.read_bytes()
+    return out
+
+
+def pack(files: Mapping[str, bytes]) -> bytes:
+    """`files` (relative name -> bytes) as a zip, names checked."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
-        for path in sorted(root.rglob("*")):
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink() or not path.is_file() or rel.split("/")[0] == "locks" or path.suffix in (".lock", ".tmp"):
-                continue
-            check_name(rel)
-            z.writestr(zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0)), path.read_bytes())
+        for name, content in files.items():
+            check_name(name)
+            z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), content)
     return buffer.getvalue()
 
 
@@ -135,11 +146,10 @@ def seed(data: bytes, device_index: int = 0) -> int:
 
 
 def _inside(folder: Path, *roots: Path) -> bool:
-    """Whether `folder`, links resolved, lies in one of `roots` (links resolved): a link planted in
-    the cache cannot send a write elsewhere."""
+    """Whether `folder` lies in one of `roots`, links resolved on both sides: a link planted in the
+    cache cannot send a write elsewhere."""
     real = folder.resolve()
     return any(real == r.resolve() or r.resolve() in real.parents for r in roots)
-
 
 
 def seed_entry(entry, folder: Path, device: torch.device) -> int:

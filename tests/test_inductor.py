@@ -152,3 +152,25 @@ def test_a_fresh_process_serves_the_artifact_without_compiling(tmp_path, aot_bui
     with torch.no_grad():
         ref = reference_model(built / "w")(x, torch.tensor([500.0]), ctx).sample
     assert relative_error(torch.load(tmp_path / "out-seed.pt"), ref) < 1e-5
+
+
+def test_a_flipped_byte_in_the_compile_cache_is_refused_and_the_call_answers(tmp_path, aot_built, monkeypatch):
+    """The bundle is code written into torch's cache: a byte changed with the file's time kept fails
+    its sha256 before anything is seeded, the call runs eager (the same answer) and says why."""
+    import shutil
+
+    from .test_trust import flip_byte_keep_time
+
+    built, manifest = aot_built
+    shutil.copytree(built / "out", tmp_path / "out")
+    [entry_id] = manifest["entries"]
+    flip_byte_keep_time(tmp_path / "out" / entry_id / "compile-cache.zip")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    model = WanTransformer.from_pretrained(built / "w", engines=tmp_path / "out")
+    x, t, ctx, _ = make_inputs(CONFIG, 1, (2, 4, 6), text_tokens=16)
+    with torch.no_grad():
+        out = model(x, t, ctx).sample
+        ref = reference_model(built / "w")(x, t, ctx).sample
+    assert model.last_route.backend == "eager" and "sha256" in model.last_route.reason, model.last_route
+    assert relative_error(out, ref) < 1e-5
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.so"))

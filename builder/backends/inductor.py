@@ -50,14 +50,6 @@ def compile_block(model: StaticWanTransformer, inputs: tuple[torch.Tensor, ...],
         return artifacts[0]
 
 
-def store_compile_cache(job: Job, artifact=None, form: str | None = None) -> None:
-    """Write the entry's compile cache (`runtime.compile_cache`), if its device has one to keep."""
-    bundle, info = capture(str(job.device), artifact, form)
-    if bundle is not None:
-        write_atomic(job.folder / COMPILE_CACHE_FILE, bundle)
-        job.record.setdefault("build", {})["compile_cache"] = info
-
-
 class InductorBuilder(BuilderBackend):
     name = "inductor"
 
@@ -82,7 +74,9 @@ class InductorBuilder(BuilderBackend):
         data = compile_block(model, inputs, form)
         write_atomic(job.folder / INDUCTOR_FILE, data)
         job.echo("loading it in a fresh process with an empty compile cache (what it compiles is kept)")
-        store_compile_cache(job, job.folder / INDUCTOR_FILE, form)
+        bundle, info = capture(str(job.device), job.folder / INDUCTOR_FILE, form)
+        write_atomic(job.folder / COMPILE_CACHE_FILE, bundle)
+        job.record.setdefault("build", {})["compile_cache"] = info
         job.echo("parity (loading the artifact)")
         engine = InductorEngine(job.draft, job.device, model, form, data)
         return engine(*inputs), reference

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import runtime
-from runtime.compile_cache import pack, unpack
+from runtime.compile_cache import files_under, pack
 
 ROOT = Path(runtime.__file__).resolve().parents[1]
 TIMEOUT_S = 1800.0
@@ -69,26 +69,21 @@ def cpu_probe_files() -> dict[str, bytes]:
     """The files of Inductor's instruction-set probe on this machine (once per process)."""
     with tempfile.TemporaryDirectory(prefix="wan-build-isa-") as tmp:
         _run_child(Path(tmp), "cpu", True, None, None)
-        return unpack(pack(Path(tmp)))
+        return files_under(Path(tmp))
 
 
-def capture(device: str, artifact: Path | None = None, form: str | None = None) -> tuple[bytes | None, dict]:
-    """(bundle bytes or None, a record for the entry). On the CPU the bundle holds the
-    instruction-set probe, plus with `artifact` (an `inductor` entry's) the kernels its load compiled.
-    Raises LoadFailed when the fresh process fails to load the artifact."""
+def capture(device: str, artifact: Path, form: str) -> tuple[bytes, dict]:
+    """(bundle bytes, a record for the entry): what a fresh process compiles while loading `artifact`
+    (an `inductor` entry's), with, on the CPU, the instruction-set probe it runs first. Raises
+    LoadFailed when the fresh process fails to load it."""
     start = time.perf_counter()
     cpu = not device.startswith("cuda")
-    if artifact is None and not cpu:
-        return None, {}
     with tempfile.TemporaryDirectory(prefix="wan-build-cache-") as tmp:
         cache = Path(tmp)
-        if cpu:
-            for name, content in cpu_probe_files().items():
-                (cache / name).parent.mkdir(parents=True, exist_ok=True)
-                (cache / name).write_bytes(content)
-        if artifact is not None:
-            _run_child(cache, device, cpu, artifact, form)
-        data = pack(cache)
-    files = unpack(data)
-    return data, {"files": len(files), "bytes": sum(len(v) for v in files.values()),
-                  "seconds": round(time.perf_counter() - start, 1)}
+        for name, content in (cpu_probe_files() if cpu else {}).items():
+            (cache / name).parent.mkdir(parents=True, exist_ok=True)
+            (cache / name).write_bytes(content)
+        _run_child(cache, device, cpu, artifact, form)
+        files = files_under(cache)
+    return pack(files), {"files": len(files), "bytes": sum(len(v) for v in files.values()),
+                         "seconds": round(time.perf_counter() - start, 1)}

@@ -24,7 +24,7 @@ from typing import Mapping
 
 import torch
 
-from ..manifest import Entry, TensorInfo
+from ..manifest import Entry, TensorInfo, cpu_isa
 from ..precision import Precision
 from ..static import StaticWanTransformer
 
@@ -95,12 +95,10 @@ def compiled_device_problem(entry: Entry, device: torch.device | str,
     here = f"{capability[0]}.{capability[1]}" if capability else None
     if device.type == "cuda" and built_for != here:
         return f"compiled for compute capability {built_for}, this GPU is {here}"
-    if device.type == "cpu" and entry.device.get("cpu_isa") is not None:
-        from ..manifest import cpu_isa
-
-        if entry.device["cpu_isa"] != cpu_isa():
-            return (f"compiled for a CPU with {entry.device['cpu_isa']}, this CPU has {cpu_isa()} "
-                    "(build the entry on a machine of this CPU kind)")
+    built_isa = entry.device.get("cpu_isa")
+    if device.type == "cpu" and built_isa is not None and built_isa != cpu_isa():
+        return (f"compiled for a CPU with {built_isa}, this CPU has {cpu_isa()} "
+                "(build the entry on a machine of this CPU kind)")
     return None
 
 
